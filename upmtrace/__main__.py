@@ -1,0 +1,3 @@
+from upmtrace.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The simulated machine: memslots, attributes, backing pools, mappings, RMP, direct map."""

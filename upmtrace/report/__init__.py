@@ -1,0 +1,1 @@
+"""Pure renderers of results: they format, they never compute model state."""

@@ -1,0 +1,1 @@
+"""The trace format: schema, readers and writers, validation, synthetic workloads."""
