@@ -1,0 +1,295 @@
+"""The replay loop: trace events in, counters out (SPEC.md section 5). Prints nothing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from upmtrace.costs import default_costs, estimate
+from upmtrace.model.machine import PRIVATE, SHARED, Machine
+from upmtrace.policy import PRESETS, Policy
+from upmtrace.trace.schema import (
+    BLOCK_SIZE,
+    MSR_REQ,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    Platform,
+)
+
+SCHEMA_ID = "upmtrace.report.v1"
+BATCH_ROWS = 65_536
+Row = tuple  # (ts, kind, vcpu, gpa, size, private, write, slot, gmem, req, op, agent)
+COLS = ("ts", "kind", "vcpu", "gpa", "size", "private", "write", "slot", "gmem", "req", "op",
+        "agent")
+
+
+@dataclass(frozen=True)
+class Result:
+    """One replay's report (SPEC.md section 6) as plain data."""
+
+    report: dict[str, Any]
+
+    def to_json(self) -> str:
+        return json.dumps(self.report, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Result:
+        return cls(json.loads(text))
+
+    def get(self, key: str) -> Any:
+        node: Any = self.report
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+
+class Engine:
+    """Feeds events to a Machine and keeps the exit and memory counters."""
+
+    def __init__(self, policy: Policy, platform: Platform, paranoid: bool = False) -> None:
+        self.policy = policy
+        self.platform = platform
+        self.m = Machine(policy, platform)
+        self.count = self.m.count
+        self.paranoid = paranoid
+        self.peak = {"resident": 0, "shared": 0, "private": 0, "duplicate": 0}
+        self.handlers: dict[str, Callable[[Row], None]] = {
+            "memslot": self.memslot,
+            "set_attributes": self.set_attributes,
+            "npf": self.npf,
+            "map_gpa": self.map_gpa,
+            "host_access": self.host_access,
+        }
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self, rows: Iterator[Row]) -> None:
+        request: list[Row] = []
+        for row in rows:
+            if row[1] == "psc":
+                if request and (row[9] == MSR_REQ or (row[2], row[9]) != (request[0][2],
+                                                                          request[0][9])):
+                    self.event_done(self.psc(request))
+                    request = []
+                request.append(row)
+                continue
+            if request:
+                self.event_done(self.psc(request))
+                request = []
+            self.event_done(self.handlers[row[1]](row))
+        if request:
+            self.event_done(self.psc(request))
+
+    def event_done(self, _: None = None) -> None:
+        shared, private, duplicate = self.m.memory_pages()
+        peak = self.peak
+        resident = shared + private
+        if resident > peak["resident"]:
+            peak["resident"] = resident
+        if shared > peak["shared"]:
+            peak["shared"] = shared
+        if private > peak["private"]:
+            peak["private"] = private
+        if duplicate > peak["duplicate"]:
+            peak["duplicate"] = duplicate
+        if self.paranoid:
+            self.m.check_invariants()
+
+    # --- events -----------------------------------------------------------------------------
+
+    def memslot(self, row: Row) -> None:
+        self.m.set_memslot(row[7], row[3] >> PAGE_SHIFT, row[4] >> PAGE_SHIFT, bool(row[8]))
+
+    def set_attributes(self, row: Row) -> None:
+        g0 = row[3] >> PAGE_SHIFT
+        self.m.set_attributes(g0, g0 + (row[4] >> PAGE_SHIFT), bool(row[5]))
+
+    def npf(self, row: Row) -> None:
+        m, count = self.m, self.count
+        gfn = row[3] >> PAGE_SHIFT
+        count["npf.recorded"] += 1
+        private = m.attrs.is_private(gfn) if self.platform is Platform.SW else bool(row[5])
+        block, bit = gfn >> 9, 1 << (gfn & 511)
+        if m.maps.maps(block, bit, private):
+            count["npf.avoided"] += 1
+            return
+        count["exits.vm.npf"] += 1
+        slot = m.slots.find(gfn)
+        if slot is None or (private and not slot.gmem):
+            if private:
+                count["exits.userspace.KVM_EXIT_MEMORY_FAULT"] += 1
+                count["npf.unresolvable"] += 1
+            else:
+                count["npf.mmio"] += 1
+            return
+        if private != m.attrs.is_private(gfn):
+            count["exits.userspace.KVM_EXIT_MEMORY_FAULT"] += 1
+            count["conversions.implicit"] += 1
+            m.convert(gfn, gfn + 1, private, explicit=False)
+            count["exits.vm.npf"] += 1  # the retried access
+        m.map_gfn(gfn, private, slot)
+
+    def psc(self, request: list[Row]) -> None:
+        count = self.count
+        count["exits.vm.vmgexit"] += 1
+        count["psc.requests"] += 1
+        count["psc.entries"] += len(request)
+        if request[0][9] == MSR_REQ:  # MSR protocol: always one 4 KiB page
+            _ts, _k, _v, gpa, _s, _p, _w, _sl, _g, _r, op, _a = request[0]
+            if op in ("psmash", "unsmash"):
+                count["psc.skipped"] += 1
+                return
+            count["exits.userspace.KVM_EXIT_HYPERCALL"] += 1
+            g0 = gpa >> PAGE_SHIFT
+            self.m.convert(g0, g0 + 1, op == "private", explicit=True)
+            return
+        runs = self.psc_runs(request)
+        mode = self.policy.exits
+        if mode == "per-entry":
+            for entries in runs:
+                for gpa, size, private in entries:
+                    count["exits.userspace.KVM_EXIT_HYPERCALL"] += 1
+                    self.convert_bytes(gpa, size, private)
+            return
+        if runs:
+            count["exits.userspace.KVM_EXIT_HYPERCALL"] += 1 if mode == "batched" else len(runs)
+        for entries in runs:
+            first, last = entries[0], entries[-1]
+            self.convert_bytes(first[0], last[0] + last[1] - first[0], first[2])
+
+    def psc_runs(self, request: list[Row]) -> list[list[tuple[int, int, bool]]]:
+        """Maximal runs of same-op, same-size-class, contiguous entries, in order."""
+        runs: list[list[tuple[int, int, bool]]] = []
+        prev = None  # (op, huge, end) of the run being built
+        for row in request:
+            gpa, size, op = row[3], row[4], row[10]
+            huge = size == BLOCK_SIZE
+            if huge and gpa % BLOCK_SIZE:
+                self.count["psc.invalid"] += 1
+                break
+            if op in ("psmash", "unsmash"):
+                self.count["psc.skipped"] += 1
+                prev = None
+                continue
+            if prev is not None and prev == (op, huge, gpa):
+                runs[-1].append((gpa, size, op == "private"))
+            else:
+                runs.append([(gpa, size, op == "private")])
+            prev = (op, huge, gpa + size)
+        return runs
+
+    def map_gpa(self, row: Row) -> None:
+        count = self.count
+        gpa, size, private = row[3], row[4], bool(row[5])
+        if self.platform is Platform.TDX:
+            count["exits.vm.tdvmcall"] += 1
+            if self.policy.exits != "batched":
+                for start in range(gpa, gpa + size, BLOCK_SIZE):
+                    count["exits.userspace.KVM_EXIT_HYPERCALL"] += 1
+                    self.convert_bytes(start, min(BLOCK_SIZE, gpa + size - start), private)
+                return
+        else:
+            count["exits.vm.vmcall"] += 1
+        count["exits.userspace.KVM_EXIT_HYPERCALL"] += 1
+        self.convert_bytes(gpa, size, private)
+
+    def convert_bytes(self, gpa: int, size: int, private: bool) -> None:
+        g0 = gpa >> PAGE_SHIFT
+        self.m.convert(g0, g0 + (size >> PAGE_SHIFT), private, explicit=True)
+
+    def host_access(self, row: Row) -> None:
+        m, count = self.m, self.count
+        gpa, size = row[3], row[4]
+        g0, g1 = gpa >> PAGE_SHIFT, (gpa + size + PAGE_SIZE - 1) >> PAGE_SHIFT
+        count["host_access.pages"] += g1 - g0
+        for slot in m.slots.overlapping(g0, g1):
+            for gfn in range(max(g0, slot.start), min(g1, slot.end)):
+                block, bit = gfn >> 9, 1 << (gfn & 511)
+                if m.attrs.is_private(gfn):
+                    if m.inplace:
+                        count["host_access.faults"] += 1
+                        continue
+                    count["host_access.stale"] += 1
+                m.populate(SHARED, block, bit)
+
+    # --- the report -------------------------------------------------------------------------
+
+    def report(self, trace_info: dict[str, Any], recorded: dict | None,
+               costs: dict[str, int] | None) -> dict[str, Any]:
+        c, m = self.count, self.m
+        c["rmp.updates_4k"], c["rmp.updates_2m"] = m.rmp.updates_4k, m.rmp.updates_2m
+        c["rmp.psmash"] = m.rmp.psmash
+        c["directmap.splits"], c["directmap.restores"] = m.directmap.splits, m.directmap.restores
+        userspace = {k: c[f"exits.userspace.{k}"]
+                     for k in ("KVM_EXIT_MEMORY_FAULT", "KVM_EXIT_HYPERCALL")}
+        vm = {k: c[f"exits.vm.{k}"] for k in ("npf", "vmgexit", "tdvmcall", "vmcall")}
+        c["exits.userspace_total"], c["exits.vm_total"] = sum(userspace.values()), sum(vm.values())
+        shared, private, _dup = m.memory_pages()
+        touched = m.touched_pages * PAGE_SIZE
+        peak = {k: v * PAGE_SIZE for k, v in self.peak.items()}
+        total, by_category = estimate(c, costs or default_costs())
+
+        def group(prefix: str, *keys: str) -> dict[str, int]:
+            return {k: c[f"{prefix}.{k}"] for k in keys}
+
+        return {
+            "schema": SCHEMA_ID,
+            "trace": trace_info,
+            "policy": self.policy.to_json(),
+            "exits": {"userspace": userspace, "userspace_total": c["exits.userspace_total"],
+                      "vm": vm, "vm_total": c["exits.vm_total"]},
+            "npf": group("npf", "recorded", "avoided", "mmio", "unresolvable"),
+            "conversions": group("conversions", "implicit", "set_attributes_calls",
+                                 "to_private_pages", "to_shared_pages"),
+            "psc": group("psc", "requests", "entries", "skipped", "invalid"),
+            "memory": {
+                "peak_resident_bytes": peak["resident"],
+                "peak_shared_bytes": peak["shared"],
+                "peak_private_bytes": peak["private"],
+                "peak_duplicate_bytes": peak["duplicate"],
+                "final_resident_bytes": (shared + private) * PAGE_SIZE,
+                "touched_bytes": touched,
+                "ratio_to_touched": round(peak["resident"] / touched, 6) if touched else 0.0,
+                "pages_allocated": c["memory.pages_allocated"],
+                "pages_freed": c["memory.pages_freed"],
+            },
+            "gmem": group("gmem", "folio_splits"),
+            "rmp": group("rmp", "updates_4k", "updates_2m", "psmash"),
+            "directmap": group("directmap", "splits", "restores"),
+            "mappings": group("mappings", "4k", "2m"),
+            "host_access": group("host_access", "pages", "stale", "faults"),
+            "cost": {"total_ns": total, "by_category": by_category, "estimate": True},
+            "recorded": recorded or {},
+        }
+
+
+def iter_rows(table: pa.Table, batch_rows: int = BATCH_ROWS) -> Iterator[Row]:
+    """Rows as tuples, one record batch of Python lists at a time."""
+    for batch in table.select(list(COLS)).to_batches(max_chunksize=batch_rows):
+        columns = [batch.column(i).to_pylist() for i in range(len(COLS))]
+        yield from zip(*columns, strict=True)
+
+
+def replay(trace, policy: Policy | None = None, *, platform: str | None = None,
+           costs: dict[str, int] | None = None, paranoid: bool = False,
+           batch_rows: int = BATCH_ROWS) -> Result:
+    """Replay a Trace (or a bare SCHEMA table) under a policy; returns the section 6 report."""
+    policy = policy or PRESETS["eager"]
+    if isinstance(trace, pa.Table):
+        table, info, recorded = trace, {"path": None, "sha256": None}, None
+        plat = Platform(platform or "snp")
+    else:
+        table, recorded = trace.table, trace.recorded
+        plat = Platform(platform or trace.platform)
+        info = {"path": trace.path, "sha256": trace.sha256}
+    info = {**info, "events": table.num_rows, "platform": plat.value}
+    engine = Engine(policy, plat, paranoid=paranoid)
+    engine.run(iter_rows(table, batch_rows))
+    return Result(engine.report(info, recorded, costs))
+
+
+__all__ = ["Engine", "Result", "replay", "PRIVATE", "SHARED"]
