@@ -1,0 +1,350 @@
+"""Read and write traces (SPEC.md section 2) in Parquet, Arrow IPC, JSON Lines and CSV.
+
+Every reader returns a table on exactly SCHEMA (see cast.py), validated (see validate.py); every
+writer is atomic (a temporary file in the same directory, then os.replace).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from upmtrace.errors import TraceError, UpmtraceError, UsageError
+from upmtrace.trace.cast import Rows, conform
+from upmtrace.trace.schema import (
+    COLUMNS,
+    FORMAT_VERSION,
+    META_FORMAT,
+    META_PLATFORM,
+    META_RECORDED,
+    META_SOURCE,
+    SCHEMA,
+    Platform,
+)
+from upmtrace.trace.validate import validate
+
+ARROW_ERRORS = (pa.ArrowException, OSError, ValueError)
+_JSONL_BATCH = 1 << 20
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A validated trace: the table on SCHEMA, its metadata and the sha256 of its file."""
+
+    path: str
+    table: pa.Table
+    platform: Platform
+    source: str | None
+    recorded: dict | None
+    sha256: str
+
+    @property
+    def events(self) -> int:
+        return self.table.num_rows
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a format reader returns: a raw table before conform(), and how to number its rows."""
+
+    table: pa.Table
+    metadata: dict[bytes, bytes] | None
+    rows: Rows
+    text: bool = False  # cells are text (CSV): numbers may be parsed from strings
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def read_trace(path: str | os.PathLike, *, platform: str | None = None) -> Trace:
+    """Read, type-check and validate a trace; `platform` overrides the file's metadata."""
+    path = str(path)
+    reader = READERS[_format_of(path)]
+    digest = _sha256(path)
+    loaded = reader(path)
+    table = conform(loaded.table, path=path, rows=loaded.rows, text=loaded.text)
+    validate(table, path=path, rows=loaded.rows)
+    meta = _parse_metadata(loaded.metadata or {}, path)
+    chosen = _platform(platform) if platform is not None else meta["platform"]
+    return Trace(path=path, table=table, platform=chosen, source=meta["source"],
+                 recorded=meta["recorded"], sha256=digest)
+
+
+def _format_of(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise TraceError(f"unknown trace format {suffix or '(no extension)'!r} "
+                         f"(supported: {', '.join(SUFFIXES)})", path=path)
+    return SUFFIXES[suffix]
+
+
+def _sha256(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            empty = f.tell() == 0
+    except FileNotFoundError:
+        raise TraceError("no such file", path=path) from None
+    except IsADirectoryError:
+        raise TraceError("is a directory, not a trace file", path=path) from None
+    except OSError as err:
+        raise TraceError(f"cannot read ({err.strerror or err})", path=path) from None
+    if empty:
+        raise TraceError("file is empty", path=path)
+    return digest
+
+
+def _platform(name: str) -> Platform:
+    try:
+        return Platform(name)
+    except ValueError:
+        raise UsageError(f"unknown platform {name!r} (expected one of "
+                         f"{', '.join(Platform)})") from None
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _read_parquet(path: str) -> Loaded:
+    try:
+        table = pq.read_table(path)
+    except ARROW_ERRORS as err:
+        raise TraceError(f"not a readable Parquet file ({_one_line(err)})", path=path) from None
+    return Loaded(table, table.schema.metadata, Rows())
+
+
+def _read_arrow(path: str) -> Loaded:
+    try:
+        with pa.memory_map(path) as source:
+            try:
+                table = pa.ipc.open_file(source).read_all()
+            except pa.ArrowInvalid:
+                source.seek(0)
+                table = pa.ipc.open_stream(source).read_all()
+    except ARROW_ERRORS as err:
+        raise TraceError(f"not a readable Arrow IPC file ({_one_line(err)})",
+                         path=path) from None
+    return Loaded(table, table.schema.metadata, Rows())
+
+
+def _read_csv(path: str) -> Loaded:
+    as_text = {name: pa.string() for name in COLUMNS}
+    options = pa_csv.ConvertOptions(column_types=as_text, strings_can_be_null=True,
+                                    null_values=[""], quoted_strings_can_be_null=True)
+    try:
+        table = pa_csv.read_csv(path, convert_options=options)
+    except ARROW_ERRORS as err:
+        raise TraceError(f"not a readable CSV file ({_one_line(err)})", path=path) from None
+    return Loaded(table, None, Rows(), text=True)
+
+
+def _read_jsonl(path: str) -> Loaded:
+    options = pa_json.ParseOptions(unexpected_field_behavior="infer")
+    try:
+        table = pa_json.read_json(path, parse_options=options)
+    except ARROW_ERRORS:
+        return _read_jsonl_slowly(path)
+    return Loaded(table, None, Rows(_jsonl_line_numbers(path, table.num_rows)))
+
+
+def _jsonl_line_numbers(path: str, n: int) -> np.ndarray | None:
+    """Line numbers of the non-blank lines (pyarrow skips blank ones); None if there are none."""
+    data = np.fromfile(path, dtype=np.uint8)
+    ends = np.flatnonzero(data == ord("\n"))
+    if len(ends) == 0 or ends[-1] != len(data) - 1:
+        ends = np.append(ends, len(data))
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lengths = ends - starts
+    carriage = (lengths == 1) & (data[np.minimum(starts, len(data) - 1)] == ord("\r"))
+    blank = (lengths == 0) | carriage
+    if not blank.any():
+        return None
+    numbers = np.flatnonzero(~blank) + 1
+    return numbers[:n]
+
+
+def _read_jsonl_slowly(path: str) -> Loaded:
+    """pyarrow refused the file: find the offending line with json, or build the table here."""
+    records, numbers = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TraceError(f"not valid JSON ({err.msg})", path=path, row=number) from None
+            if not isinstance(record, dict):
+                raise TraceError("not a JSON object", path=path, row=number)
+            records.append(record)
+            numbers.append(number)
+    rows = Rows(np.asarray(numbers))
+    return Loaded(_table_from_records(records, path, rows), None, rows)
+
+
+def _table_from_records(records: list[dict], path: str, rows: Rows) -> pa.Table:
+    names = list(dict.fromkeys(name for record in records for name in record))
+    columns = {}
+    for name in names:
+        values = [record.get(name) for record in records]
+        try:
+            columns[name] = pa.array(values)
+        except ARROW_ERRORS:
+            index, value = _first_odd_value(values)
+            raise TraceError(f"{_json_show(value)} does not match the type of the rows above",
+                             path=path, row=rows(index), column=name) from None
+    return pa.table(columns)
+
+
+def _first_odd_value(values: list) -> tuple[int, object]:
+    """First value whose JSON type differs from the first non-null value's."""
+    def family(v):
+        return "number" if isinstance(v, int | float) and not isinstance(v, bool) else type(v)
+    first = next(family(v) for v in values if v is not None)
+    return next((i, v) for i, v in enumerate(values) if v is not None and family(v) != first)
+
+
+def _json_show(value: object) -> str:
+    return json.dumps(value) if not isinstance(value, dict | list) else type(value).__name__
+
+
+def _parse_metadata(raw: dict[bytes, bytes], path: str) -> dict:
+    meta = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in raw.items()}
+    version = meta.get(META_FORMAT, FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise TraceError(f"{META_FORMAT} is {version!r}; this upmtrace reads format "
+                         f"{FORMAT_VERSION!r}", path=path)
+    platform = meta.get(META_PLATFORM, Platform.SNP.value)
+    if platform not in set(Platform):
+        raise TraceError(f"{META_PLATFORM} is {platform!r} (expected one of "
+                         f"{', '.join(Platform)})", path=path)
+    return {"platform": Platform(platform), "source": meta.get(META_SOURCE),
+            "recorded": _recorded(meta.get(META_RECORDED), path)}
+
+
+def _recorded(text: str | None, path: str) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise TraceError(f"{META_RECORDED} is not a JSON object", path=path)
+    return value
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def write_trace(table: pa.Table, path: str | os.PathLike, *, platform: str = "snp",
+                source: str | None = None, recorded: dict | None = None) -> None:
+    """Write `table` (any subset of SCHEMA's columns) atomically, in the format of the suffix."""
+    path = str(path)
+    writer = WRITERS[_format_of(path)]
+    table = conform(table)
+    metadata = {META_FORMAT: FORMAT_VERSION, META_PLATFORM: _platform(platform).value}
+    if source is not None:
+        metadata[META_SOURCE] = source
+    if recorded is not None:
+        metadata[META_RECORDED] = json.dumps(recorded, sort_keys=True)
+    _atomically(path, lambda f: writer(table, f, metadata))
+
+
+def _atomically(path: str, write: Callable) -> None:
+    target = Path(path)
+    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with open(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, target)
+    except BaseException as err:
+        temp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise UpmtraceError(f"{path}: cannot write ({err.strerror or err})") from None
+        raise
+
+
+def _write_parquet(table: pa.Table, f, metadata: dict[str, str]) -> None:
+    pq.write_table(table.replace_schema_metadata(metadata), f, compression="zstd")
+
+
+def _write_arrow(table: pa.Table, f, metadata: dict[str, str]) -> None:
+    table = table.replace_schema_metadata(metadata)
+    with pa.ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table)
+
+
+def _write_csv(table: pa.Table, f, metadata: dict[str, str]) -> None:
+    plain = pa.table({name: _undictionary(table.column(name)) for name in COLUMNS})
+    pa_csv.write_csv(plain, f, pa_csv.WriteOptions(quoting_style="needed"))
+
+
+def _write_jsonl(table: pa.Table, f, metadata: dict[str, str]) -> None:
+    for start in range(0, table.num_rows, _JSONL_BATCH):
+        lines = _jsonl_lines(table.slice(start, _JSONL_BATCH))
+        buffers = lines.buffers()
+        offsets = np.frombuffer(buffers[1], dtype=np.int32)[lines.offset:]
+        f.write(memoryview(buffers[2])[offsets[0]:offsets[len(lines)]])
+
+
+def _jsonl_lines(table: pa.Table) -> pa.Array:
+    """One `{"ts":..,...}\\n` string per row, nulls omitted, built column-wise."""
+    fragments = [_json_fragment(name, table.column(name).combine_chunks()) for name in COLUMNS]
+    body = pc.binary_join_element_wise(*fragments, ",", null_handling="skip")
+    return pc.binary_join_element_wise("{", body, "}\n", "")
+
+
+def _json_fragment(name: str, column: pa.Array) -> pa.Array:
+    if pa.types.is_dictionary(column.type):
+        quoted = pa.array([json.dumps(v) for v in column.dictionary.to_pylist()], pa.string())
+        text = quoted.take(column.indices)
+    else:
+        text = column.cast(pa.string())
+    return pc.binary_join_element_wise(f'"{name}":', text, "")
+
+
+def _undictionary(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    return column.cast(pa.string()) if pa.types.is_dictionary(column.type) else column
+
+
+def from_rows(rows: list[dict]) -> pa.Table:
+    """A SCHEMA table from dicts (missing keys are null); for tests and small tools."""
+    unknown = sorted({key for row in rows for key in row} - set(COLUMNS))
+    if unknown:
+        raise TraceError(f"unknown column (known: {', '.join(COLUMNS)})", column=unknown[0])
+    plain = {field.name: _plain_type(field.type) for field in SCHEMA}
+    table = pa.table({name: pa.array([row.get(name) for row in rows], type)
+                      for name, type in plain.items()})
+    return conform(table)
+
+
+def _plain_type(type_: pa.DataType) -> pa.DataType:
+    return type_.value_type if pa.types.is_dictionary(type_) else type_
+
+
+SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow", ".jsonl": "jsonl",
+            ".csv": "csv"}
+READERS: dict[str, Callable[[str], Loaded]] = {
+    "parquet": _read_parquet, "arrow": _read_arrow, "jsonl": _read_jsonl, "csv": _read_csv,
+}
+WRITERS: dict[str, Callable[[pa.Table, object, dict[str, str]], None]] = {
+    "parquet": _write_parquet, "arrow": _write_arrow, "jsonl": _write_jsonl, "csv": _write_csv,
+}

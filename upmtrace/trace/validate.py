@@ -1,0 +1,196 @@
+"""SPEC.md section 2 validation of a SCHEMA table, vectorised; the earliest bad row is reported.
+
+Each rule looks at the whole table and returns its first offending index with a message; the
+earliest index wins, and on one row the rule listed first wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from upmtrace.errors import TraceError
+from upmtrace.trace.cast import FIXED_DICTIONARY, Rows
+from upmtrace.trace.schema import GPA_LIMIT, PAGE_SIZE, REQUIRED, Kind
+
+KINDS = list(Kind)
+CODE = {kind: code for code, kind in enumerate(KINDS)}
+ALIGNED_KINDS = (Kind.MEMSLOT, Kind.SET_ATTRIBUTES, Kind.PSC, Kind.MAP_GPA)
+VCPU_KINDS = (Kind.NPF, Kind.PSC, Kind.MAP_GPA)
+SIZED_KINDS = tuple(k for k in Kind if "size" in REQUIRED[k])
+HOST = -1
+
+
+@dataclass(frozen=True)
+class Problem:
+    index: int
+    column: str
+    message: str
+
+
+class Columns:
+    """numpy views of a SCHEMA table: values (nulls filled) and null masks."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+        self.n = table.num_rows
+        self.kind = self.codes("kind")
+        self.op = self.codes("op")
+
+    def codes(self, name: str) -> np.ndarray:
+        """Dictionary indices, -1 for null."""
+        indices = self.table.column(name).combine_chunks().indices
+        return np.asarray(indices.fill_null(-1), dtype=np.int64)
+
+    def values(self, name: str) -> np.ndarray:
+        column = self.table.column(name)
+        fill = False if pa.types.is_boolean(column.type) else 0
+        return np.asarray(column.fill_null(fill))
+
+    def null(self, name: str) -> np.ndarray:
+        return np.asarray(self.table.column(name).is_null())
+
+    def of_kinds(self, kinds) -> np.ndarray:
+        return np.isin(self.kind, [CODE[k] for k in kinds])
+
+    def label(self, name: str, index: int) -> str:
+        return str(self.table.column(name)[index].as_py())
+
+
+Rule = Callable[[Columns], Problem | None]
+
+
+def validate(table: pa.Table, *, path: str | None = None, rows: Rows | None = None) -> None:
+    """Raise TraceError for the earliest row of a SCHEMA table that breaks SPEC.md section 2."""
+    cols = Columns(table)
+    problems = [p for rule in RULES if (p := rule(cols)) is not None]
+    if problems:
+        first = min(problems, key=lambda p: p.index)  # min keeps the earlier rule on a tie
+        rows = rows or Rows()
+        raise TraceError(first.message, path=path, row=rows(first.index), column=first.column)
+
+
+def _first(mask: np.ndarray) -> int | None:
+    return int(np.argmax(mask)) if mask.any() else None
+
+
+def _never_null(cols: Columns) -> Problem | None:
+    for name in ("ts", "kind"):
+        if (i := _first(cols.null(name))) is not None:
+            return Problem(i, name, f"{name} is missing")
+    return None
+
+
+def _known_kind(cols: Columns) -> Problem | None:
+    i = _first(cols.kind >= len(KINDS))
+    if i is None:
+        return None
+    return Problem(i, "kind", f"unknown kind {cols.label('kind', i)!r} "
+                              f"(expected one of {', '.join(KINDS)})")
+
+
+def _required(cols: Columns) -> Problem | None:
+    found = []
+    for name in ("vcpu", "gpa", "size", "private", "slot", "req", "op"):
+        kinds = [k for k in KINDS if name in REQUIRED[k]]
+        if (i := _first(cols.of_kinds(kinds) & cols.null(name))) is not None:
+            kind = KINDS[cols.kind[i]]
+            found.append(Problem(i, name, f"missing {name} (a {kind} event needs "
+                                          f"{', '.join(REQUIRED[kind])})"))
+    return min(found, key=lambda p: p.index) if found else None
+
+
+def _known_op(cols: Columns) -> Problem | None:
+    i = _first(cols.op >= len(FIXED_DICTIONARY["op"]))
+    if i is None:
+        return None
+    return Problem(i, "op", f"unknown psc op {cols.label('op', i)!r} "
+                            f"(expected one of {', '.join(FIXED_DICTIONARY['op'])})")
+
+
+def _vcpu(cols: Columns) -> Problem | None:
+    vcpu, valid = cols.values("vcpu"), ~cols.null("vcpu")
+    guest = cols.of_kinds(VCPU_KINDS)
+    i = _first(valid & ((vcpu < HOST) | (guest & (vcpu < 0))))
+    if i is None:
+        return None
+    if vcpu[i] < HOST:
+        return Problem(i, "vcpu", f"vcpu {vcpu[i]} is negative (only -1, the host, is allowed)")
+    return Problem(i, "vcpu", f"vcpu {vcpu[i]} is not a vCPU index "
+                              f"({KINDS[cols.kind[i]]} events come from a vCPU)")
+
+
+def _positive_size(cols: Columns) -> Problem | None:
+    kinds = [k for k in SIZED_KINDS if k is not Kind.MEMSLOT]  # memslot size 0 deletes
+    i = _first(cols.of_kinds(kinds) & ~cols.null("size") & (cols.values("size") == 0))
+    return None if i is None else Problem(i, "size", "size must be greater than 0")
+
+
+def _aligned(cols: Columns) -> Problem | None:
+    kinds = cols.of_kinds(ALIGNED_KINDS)
+    gpa, size = cols.values("gpa"), cols.values("size")
+    bad_gpa = _first(kinds & (gpa % PAGE_SIZE != 0))
+    bad_size = _first(kinds & (size % PAGE_SIZE != 0))
+    found = []
+    if bad_gpa is not None:
+        found.append(Problem(bad_gpa, "gpa", f"gpa {gpa[bad_gpa]:#x} is not 4 KiB aligned"))
+    if bad_size is not None:
+        found.append(Problem(bad_size, "size",
+                             f"size {size[bad_size]} is not a multiple of 4 KiB"))
+    return min(found, key=lambda p: p.index) if found else None
+
+
+def _gpa_limit(cols: Columns) -> Problem | None:
+    gpa, size = cols.values("gpa"), cols.values("size")
+    limit = np.uint64(GPA_LIMIT)
+    beyond = ~cols.null("gpa") & (gpa >= limit)
+    with np.errstate(over="ignore"):
+        room = limit - gpa  # wraps where gpa > limit, which `beyond` already reports
+    ends_beyond = cols.of_kinds(SIZED_KINDS) & ~beyond & (size > room)
+    found = []
+    if (i := _first(beyond)) is not None:
+        found.append(Problem(i, "gpa", f"gpa {gpa[i]:#x} is beyond the 52-bit "
+                                       "guest physical address space"))
+    if (i := _first(ends_beyond)) is not None:
+        found.append(Problem(i, "size", f"gpa {gpa[i]:#x} + size {size[i]:#x} ends beyond "
+                                        "the 52-bit guest physical address space"))
+    return min(found, key=lambda p: p.index) if found else None
+
+
+def _ts_order(cols: Columns) -> Problem | None:
+    ts = cols.values("ts")
+    i = _first(ts[1:] < ts[:-1])
+    if i is None:
+        return None
+    return Problem(i + 1, "ts", f"ts {ts[i + 1]} goes backwards (previous event at {ts[i]})")
+
+
+def _memslot_overlap(cols: Columns) -> Problem | None:
+    """Replay memslot registrations; a slot overlapping another live slot is refused by KVM."""
+    indices = np.flatnonzero(cols.kind == CODE[Kind.MEMSLOT])
+    if len(indices) == 0:
+        return None
+    part = cols.table.take(pa.array(indices)).select(["slot", "gpa", "size"]).to_pylist()
+    live: dict[int, tuple[int, int]] = {}
+    for index, row in zip(indices.tolist(), part, strict=True):
+        slot, gpa, size = row["slot"], row["gpa"], row["size"]
+        if slot is None or gpa is None or size is None:
+            continue  # reported by _required
+        live.pop(slot, None)
+        if size == 0:
+            continue
+        for other, (start, end) in live.items():
+            if gpa < end and start < gpa + size:
+                return Problem(index, "gpa", f"memslot {slot} [{gpa:#x}, {gpa + size:#x}) "
+                                             f"overlaps memslot {other} [{start:#x}, {end:#x})")
+        live[slot] = (gpa, gpa + size)
+    return None
+
+
+RULES: tuple[Rule, ...] = (
+    _never_null, _known_kind, _required, _known_op, _vcpu, _positive_size, _aligned, _gpa_limit,
+    _ts_order, _memslot_overlap,
+)
