@@ -61,7 +61,89 @@ PLATFORM = click.Choice(["snp", "tdx", "sw"])
 # --- trace commands (info, synth) ---------------------------------------------------------
 
 
+@cli.command()
+@click.argument("trace", metavar="TRACE")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True, help="Output format.")
+@click.option("--platform", type=PLATFORM, default=None,
+              help="Override the trace's platform (default: its metadata, else snp).")
+def info(trace: str, fmt: str, platform: str | None) -> None:
+    """Show what TRACE holds: events by kind, vCPUs, time span, memslots, platform.
+
+    TRACE is a .parquet, .arrow/.feather, .jsonl or .csv file; it is validated first.
+    """
+    import shutil
+
+    from upmtrace.report.info import RENDERERS
+    from upmtrace.trace.info import summarize
+    from upmtrace.trace.io import read_trace
+
+    summary = summarize(read_trace(trace, platform=platform))
+    click.echo(RENDERERS[fmt](summary, shutil.get_terminal_size().columns), nl=False)
+
+
 # --- replay commands (replay, compare, policies) ------------------------------------------
+
+
+def policy_options(f):
+    """--policy/--set/--costs, shared by every command that replays."""
+    f = click.option("--costs", "costs_file", type=click.Path(dir_okay=False), default=None,
+                     help="TOML file of `category = ns` overriding the cost table.")(f)
+    f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override one policy knob (repeatable), e.g. --set dealloc=lazy.")(f)
+    return f
+
+
+def width() -> int:
+    import shutil
+
+    return shutil.get_terminal_size().columns
+
+
+def emit(text: str, output: str | None) -> None:
+    """Print, or write atomically to --output."""
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        from upmtrace.atomic import write_text
+
+        write_text(output, text)
+
+
+@cli.command()
+@click.argument("trace", metavar="TRACE")
+@click.option("--policy", "policy_spec", default="eager", show_default=True,
+              help="A preset (see `upmtrace policies`) or a TOML file of knobs.")
+@policy_options
+@click.option("--platform", type=PLATFORM, default=None,
+              help="Override the trace's platform (default: its metadata, else snp).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True, help="Output format; json is the section 6 report.")
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the report to FILE (atomically) instead of stdout.")
+@click.option("--paranoid", is_flag=True, help="Check every model invariant after every event.")
+def replay(trace: str, policy_spec: str, overrides: tuple[str, ...], costs_file: str | None,
+           platform: str | None, fmt: str, output: str | None, paranoid: bool) -> None:
+    """Replay TRACE under a policy and report exits, memory and direct-map cost."""
+    from upmtrace.costs import load_costs
+    from upmtrace.engine import replay as run
+    from upmtrace.policy import load_policy, parse_overrides
+    from upmtrace.report import RENDERERS
+    from upmtrace.trace.io import read_trace
+
+    policy = load_policy(policy_spec, parse_overrides(overrides))
+    costs = load_costs(costs_file) if costs_file else None
+    result = run(read_trace(trace, platform=platform), policy, costs=costs, paranoid=paranoid)
+    emit(RENDERERS[fmt](result, width()), output)
+
+
+@cli.command()
+def policies() -> None:
+    """List the policy presets, every knob with its meaning, and the cost table."""
+    from upmtrace.policy import KNOBS, PRESET_NOTES, PRESETS
+    from upmtrace.report.table import policies_table
+
+    click.echo(policies_table(PRESETS, PRESET_NOTES, KNOBS, width()), nl=False)
 
 
 def main() -> None:

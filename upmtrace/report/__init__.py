@@ -1,1 +1,5 @@
 """Pure renderers of results: they format, they never compute model state."""
+
+from upmtrace.report import json, table
+
+RENDERERS = {"table": table.render, "json": json.render}

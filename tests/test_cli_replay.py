@@ -1,0 +1,109 @@
+"""The replay and policies commands, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from scenario import K, M, attrs, host, memslot, npf, psc, table
+
+from upmtrace.cli import cli
+from upmtrace.policy import KNOBS, PRESETS
+from upmtrace.trace.io import write_trace
+
+
+@pytest.fixture
+def trace(tmp_path):
+    path = tmp_path / "t.parquet"
+    write_trace(table(memslot(0, 0, 4 * M), attrs(0, 4 * M), npf(0, True),
+                      psc(0, 8 * K, "shared"), npf(0, False), host(0, 8 * K)), path)
+    return str(path)
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, list(args))
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_replay_json_is_the_section_6_report_and_deterministic(trace):
+    first, second = run("replay", trace, "--format", "json"), run("replay", trace, "--format",
+                                                                   "json")
+    assert first.exit_code == 0 and first.output == second.output
+    report = json.loads(first.output)
+    assert report["schema"] == "upmtrace.report.v1"
+    assert report["trace"]["events"] == 6 and len(report["trace"]["sha256"]) == 64
+    assert report["exits"]["userspace"]["KVM_EXIT_HYPERCALL"] == 1
+    assert report["policy"]["name"] == "eager"
+
+
+def test_replay_table_names_the_policy_and_exit_reasons(trace):
+    result = run("replay", trace, "--policy", "lazy")
+    assert result.exit_code == 0
+    assert "policy lazy" in result.output and "KVM_EXIT_HYPERCALL" in result.output
+    assert "Total Samples" in result.output
+
+
+def test_set_overrides_a_knob_and_output_is_written(trace, tmp_path):
+    out = tmp_path / "r.json"
+    result = run("replay", trace, "--set", "dealloc=lazy", "--set", "lazy_limit=1M",
+                 "--format", "json", "--output", str(out))
+    assert result.exit_code == 0 and result.output == ""
+    policy = json.loads(out.read_text())["policy"]
+    assert (policy["name"], policy["dealloc"], policy["lazy_limit"]) == ("eager", "lazy", 1 << 20)
+
+
+def test_policy_from_toml_takes_its_stem_and_eager_defaults(trace, tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('exits = "batched"\ngmem_page = "2m"\n')
+    report = json.loads(run("replay", trace, "--policy", str(path), "--format", "json").output)
+    assert report["policy"] == {**PRESETS["eager"].to_json(), "name": "mine",
+                                "exits": "batched", "gmem_page": "2m"}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--set", "foo=1"], "Error: unknown policy knob 'foo' (knobs: " + ", ".join(KNOBS) + ")"),
+    (["--set", "dealloc=sometimes"],
+     "Error: policy knob 'dealloc' cannot be 'sometimes' (one of eager, lazy, aligned-2m)"),
+    (["--set", "dealloc"], "Error: --set 'dealloc': expected KEY=VALUE"),
+    (["--set", "prefault=maybe"],
+     "Error: policy knob 'prefault' cannot be 'maybe' (true or false)"),
+    (["--policy", "nope"], "Error: unknown policy 'nope': not a preset "
+                           "(eager, lazy, inplace, hugepool, sg, prefault) and no such TOML file"),
+])
+def test_bad_policy_is_one_line_and_exit_3(trace, args, message):
+    result = run("replay", trace, *args)
+    assert result.exit_code == 3
+    assert result.output.strip() == message
+
+
+def test_bad_toml_policy(trace, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('dealloc = "eager"\nturbo = true\n')
+    result = run("replay", trace, "--policy", str(path))
+    assert result.exit_code == 3
+    assert result.output.strip() == (f"Error: {path}: unknown policy knob 'turbo' (knobs: "
+                                     + ", ".join(KNOBS) + ")")
+
+
+def test_costs_file_overrides_a_category(trace, tmp_path):
+    costs = tmp_path / "costs.toml"
+    costs.write_text("userspace_exit = 1\n")
+    base = json.loads(run("replay", trace, "--format", "json").output)["cost"]
+    cheap = json.loads(run("replay", trace, "--format", "json", "--costs", str(costs)).output)
+    assert cheap["cost"]["by_category"]["userspace_exit"] == 1
+    assert cheap["cost"]["total_ns"] < base["total_ns"]
+    costs.write_text("warp = 3\n")
+    assert run("replay", trace, "--costs", str(costs)).exit_code == 3
+
+
+def test_paranoid_replay_passes(trace):
+    assert run("replay", trace, "--paranoid").exit_code == 0
+
+
+def test_policies_lists_every_preset_and_knob():
+    result = run("policies")
+    assert result.exit_code == 0
+    for name in [*PRESETS, *KNOBS]:
+        assert name in result.output

@@ -1,0 +1,9 @@
+"""The section 6 report as JSON: deterministic, the same bytes for the same replay."""
+
+from __future__ import annotations
+
+from upmtrace.engine import Result
+
+
+def render(result: Result, width: int = 100) -> str:
+    return result.to_json()

@@ -1,0 +1,135 @@
+"""The replay report as rich tables, in the vocabulary of `perf kvm stat`."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+from rich.table import Table
+
+from upmtrace.costs import DEFAULTS
+from upmtrace.engine import Result
+from upmtrace.policy import describe_values
+from upmtrace.units import human_bytes
+
+EXIT_COST = {"userspace": "userspace_exit", "vm": "vm_exit"}
+
+
+def to_text(*renderables, width: int) -> str:
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, force_terminal=False, color_system=None,
+                      highlight=False)
+    for item in renderables:
+        console.print(item)
+    return buf.getvalue()
+
+
+def exits_table(report: dict) -> Table:
+    exits = report["exits"]
+    total = exits["userspace_total"] + exits["vm_total"]
+    costs = report["cost"]["by_category"]
+    t = Table(title="Exits", title_justify="left")
+    for col in ("VM-EXIT", "Samples", "Samples%", "Est. time"):
+        t.add_column(col, justify="left" if col == "VM-EXIT" else "right")
+    for level in ("vm", "userspace"):
+        level_total = exits[f"{level}_total"]
+        per_exit = costs[EXIT_COST[level]] / level_total if level_total else 0
+        for reason, n in exits[level].items():
+            share = f"{100 * n / total:.2f}%" if total else "-"
+            t.add_row(f"{level}: {reason}", f"{n:,}", share, ns(n * per_exit))
+    t.add_row("Total Samples", f"{total:,}", "100.00%" if total else "-",
+              ns(costs["vm_exit"] + costs["userspace_exit"]), style="bold")
+    return t
+
+
+def pairs_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    t = Table(title=title, title_justify="left", show_header=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    for label, value in rows:
+        t.add_row(label, value)
+    return t
+
+
+def memory_rows(report: dict) -> list[tuple[str, str]]:
+    mem = report["memory"]
+    return [
+        ("peak resident", human_bytes(mem["peak_resident_bytes"])),
+        ("peak shared", human_bytes(mem["peak_shared_bytes"])),
+        ("peak private", human_bytes(mem["peak_private_bytes"])),
+        ("peak duplicate (2X)", human_bytes(mem["peak_duplicate_bytes"])),
+        ("final resident", human_bytes(mem["final_resident_bytes"])),
+        ("touched", human_bytes(mem["touched_bytes"])),
+        ("peak resident / touched", f"{mem['ratio_to_touched']:.3f}"),
+    ]
+
+
+def count_rows(report: dict, section: str, labels: dict[str, str]) -> list[tuple[str, str]]:
+    return [(label, f"{report[section][key]:,}") for key, label in labels.items()]
+
+
+def render(result: Result, width: int = 100) -> str:
+    r = result.report
+    policy = r["policy"]
+    knobs = ", ".join(f"{k}={v}" for k, v in policy.items() if k != "name")
+    head = (f"{r['trace']['path'] or '<table>'}: {r['trace']['events']:,} events, "
+            f"platform {r['trace']['platform']}\npolicy {policy['name']} ({knobs})")
+    conversions = count_rows(r, "conversions", {
+        "implicit": "implicit (memory-fault) conversions",
+        "set_attributes_calls": "KVM_SET_MEMORY_ATTRIBUTES calls",
+        "to_private_pages": "pages made private", "to_shared_pages": "pages made shared"})
+    conversions += count_rows(r, "psc", {
+        "requests": "PSC requests", "entries": "PSC entries", "skipped": "PSC entries skipped",
+        "invalid": "PSC requests ended invalid"})
+    faults = count_rows(r, "npf", {"recorded": "faults in trace", "avoided": "avoided (mapped)",
+                                   "mmio": "MMIO (no memslot)",
+                                   "unresolvable": "unresolvable private"})
+    host = count_rows(r, "host_access", {"pages": "host pages touched",
+                                         "stale": "stale copy touched", "faults": "faulted"})
+    snp = (count_rows(r, "rmp", {"updates_4k": "RMP updates 4 KiB", "updates_2m":
+                                 "RMP updates 2 MiB", "psmash": "PSMASH"})
+           + count_rows(r, "directmap", {"splits": "direct-map splits",
+                                         "restores": "direct-map restores"})
+           + count_rows(r, "gmem", {"folio_splits": "guest_memfd folio splits"})
+           + count_rows(r, "mappings", {"4k": "mappings 4 KiB", "2m": "mappings 2 MiB"}))
+    cost = [(name, ns(v)) for name, v in r["cost"]["by_category"].items() if v]
+    cost.append(("total (estimate)", ns(r["cost"]["total_ns"])))
+    return to_text(head, exits_table(r), pairs_table("Faults", faults),
+                   pairs_table("Conversions", conversions), pairs_table("Memory", memory_rows(r)),
+                   pairs_table("RMP, direct map, mappings", snp),
+                   pairs_table("Host access", host), pairs_table("Estimated cost", cost),
+                   width=width)
+
+
+def show(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def ns(value: float) -> str:
+    for unit, scale in (("s", 1e9), ("ms", 1e6), ("us", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.0f} ns"
+
+
+def policies_table(presets: dict, notes: dict, knobs: dict, width: int = 100) -> str:
+    t = Table(title="Presets", title_justify="left")
+    for col in ("preset", "knobs (besides eager's)", "what it models"):
+        t.add_column(col)
+    base = presets["eager"].knobs()
+    for name, policy in presets.items():
+        diff = {k: v for k, v in policy.knobs().items() if v != base[k]}
+        t.add_row(name, " ".join(f"{k}={show(v)}" for k, v in diff.items()) or "-", notes[name])
+    k = Table(title="Knobs", title_justify="left")
+    k.add_column("knob")
+    k.add_column("values")
+    k.add_column("meaning")
+    for key, (_allowed, meaning) in knobs.items():
+        k.add_row(key, describe_values(key), meaning)
+    c = Table(title="Cost table (ns per operation, estimates; override with --costs FILE)",
+              title_justify="left")
+    for col in ("category", "ns", "basis"):
+        c.add_column(col)
+    for name, (value, _counter, basis) in DEFAULTS.items():
+        c.add_row(name, f"{value:,}", basis)
+    return to_text(t, k, c, width=width)
