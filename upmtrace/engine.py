@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from upmtrace.costs import default_costs, estimate
 from upmtrace.model.machine import PRIVATE, SHARED, Machine
@@ -267,10 +268,27 @@ class Engine:
         }
 
 
+FILL = {"vcpu": -2, "gpa": 0, "size": 0, "private": False, "write": False, "slot": -1,
+        "gmem": False, "req": 0}
+
+
+def column_list(column: pa.ChunkedArray | pa.Array, name: str) -> list:
+    """A column as a Python list, nulls filled; dictionary strings decoded (None for null)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        words = column.dictionary.to_pylist() + [None]
+        indices = pc.fill_null(column.indices.cast(pa.int32()), len(words) - 1)
+        return [words[i] for i in indices.to_numpy().tolist()]
+    if name in FILL and column.null_count:
+        column = pc.fill_null(column, FILL[name])
+    return column.to_numpy(zero_copy_only=False).tolist()
+
+
 def iter_rows(table: pa.Table, batch_rows: int = BATCH_ROWS) -> Iterator[Row]:
     """Rows as tuples, one record batch of Python lists at a time."""
     for batch in table.select(list(COLS)).to_batches(max_chunksize=batch_rows):
-        columns = [batch.column(i).to_pylist() for i in range(len(COLS))]
+        columns = [column_list(batch.column(i), name) for i, name in enumerate(COLS)]
         yield from zip(*columns, strict=True)
 
 
