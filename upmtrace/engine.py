@@ -86,6 +86,11 @@ class Engine:
             self.event_done(self.psc(request))
 
     def event_done(self, _: None = None) -> None:
+        if self.paranoid:
+            self.m.check_invariants()
+        if not self.m.grew:
+            return  # nothing was allocated: no figure can have reached a new peak
+        self.m.grew = False
         shared, private, duplicate = self.m.memory_pages()
         peak = self.peak
         resident = shared + private
@@ -97,8 +102,6 @@ class Engine:
             peak["private"] = private
         if duplicate > peak["duplicate"]:
             peak["duplicate"] = duplicate
-        if self.paranoid:
-            self.m.check_invariants()
 
     # --- events -----------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ class Machine:
         self.stale: dict[int, int] = {}  # gfn -> age of its stale copy (lazy dealloc)
         self.stale_order: deque[tuple[int, int]] = deque()  # (age, gfn), oldest first
         self.conversions = 0  # age counter
+        self.grew = False  # memory may have grown since the last measurement
 
     # --- memslots ---------------------------------------------------------------------------
 
@@ -75,6 +76,7 @@ class Machine:
             moved = sum((pool.pages[b] & m).bit_count()
                         for lo, hi in changed for b, m in blocks_in(lo, hi, pool.pages))
             self.inplace_private += moved if private else -moved
+            self.grew = True
         if self.lazy:
             self._unstale(g0, g1, private)
         return True
@@ -179,6 +181,7 @@ class Machine:
         if not new:
             return
         self.count["memory.pages_allocated"] += new.bit_count()
+        self.grew = True
         if self.inplace:
             self.inplace_private += self._private_bitmap(block, new).bit_count()
         else:
