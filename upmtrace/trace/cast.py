@@ -7,6 +7,7 @@ appearance, which validation reports; `agent` is in order of first appearance.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 
@@ -77,14 +78,14 @@ def _conform_column(column: pa.Array, field: pa.Field, path: str | None, rows: R
         return _encode(column, field, path, rows)
     if not _castable_family(column.type, field.type, text):
         index = _first_valid(column)
-        raise TraceError(_value_message(column[index].as_py(), field.type), path=path,
-                         row=rows(index), column=field.name)
+        message = value_message(field.name, column[index].as_py(), field.type)
+        raise TraceError(message, path=path, row=rows(index), column=field.name)
     try:
         return column.cast(field.type)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         index = _first_failing(column, lambda part: part.cast(field.type))
         value = column[index].as_py()
-        raise TraceError(_value_message(value, field.type), path=path,
+        raise TraceError(value_message(field.name, value, field.type), path=path,
                          row=rows(index), column=field.name) from None
 
 
@@ -103,20 +104,29 @@ def _encode(column: pa.Array, field: pa.Field, path: str | None, rows: Rows) -> 
     """Strings -> dictionary<int8, string> with the canonical dictionary for the column."""
     t = pa.types
     if t.is_dictionary(column.type):
-        column = column.cast(column.type.value_type)
-    if not (t.is_null(column.type) or t.is_string(column.type) or t.is_large_string(column.type)):
+        values, indices = column.dictionary, column.indices
+    else:
+        values, indices = column, None
+    if not (t.is_null(values.type) or t.is_string(values.type) or t.is_large_string(values.type)):
         index = _first_valid(column)
-        raise TraceError(_value_message(column[index].as_py(), pa.string()),
+        raise TraceError(value_message(field.name, column[index].as_py(), pa.string()),
                          path=path, row=rows(index), column=field.name)
-    column = column.cast(pa.string())
-    fixed = FIXED_DICTIONARY[field.name]
-    seen = set(fixed)
-    extra = [v for v in pc.unique(column).to_pylist() if v is not None and v not in seen]
-    dictionary = pa.array(list(fixed) + extra, pa.string())
-    if len(dictionary) > 128:
-        raise TraceError("more than 128 distinct values", path=path, column=field.name)
-    indices = pc.index_in(column, value_set=dictionary).cast(pa.int8())
-    return pa.DictionaryArray.from_arrays(indices, dictionary)
+    values = values.cast(pa.string())
+    used = values if indices is None else values.take(pc.unique(indices).drop_null())
+    dictionary = _dictionary(field.name, pc.unique(used).drop_null().to_pylist(), path)
+    remapped = pc.index_in(values, value_set=dictionary)
+    if indices is not None:  # remap the (few) dictionary entries, then take by index
+        remapped = remapped.take(indices)
+    return pa.DictionaryArray.from_arrays(remapped.cast(pa.int8()), dictionary)
+
+
+def _dictionary(name: str, used: list[str], path: str | None) -> pa.Array:
+    """The fixed values of the column, then the other `used` ones in order of appearance."""
+    fixed = FIXED_DICTIONARY[name]
+    extra = [v for v in used if v not in set(fixed)]
+    if len(fixed) + len(extra) > 128:
+        raise TraceError("more than 128 distinct values", path=path, column=name)
+    return pa.array(list(fixed) + extra, pa.string())
 
 
 def _first_valid(column: pa.Array | pa.ChunkedArray) -> int | None:
@@ -150,23 +160,36 @@ def _succeeds(attempt: Callable[[pa.Array], object], part: pa.Array) -> bool:
     return True
 
 
-def _value_message(value: object, target: pa.DataType) -> str:
-    """Why `value` (a Python value, or a CSV cell) is not a valid `target`."""
+def value_message(name: str, value: object, target: pa.DataType) -> str:
+    """Why `value` (a Python value, or a CSV cell) of column `name` is not a valid `target`."""
     word = _WORDS.get(str(target), str(target))
-    if pa.types.is_string(target):
-        return f"{_show(value)} is not {word}"
+    if pa.types.is_string(target) or pa.types.is_boolean(target):
+        return f"{name} {_show(value)} is not {word}"
     if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        return f"{_show(value)} is not {word}"
+        return f"{name} {_show(value)} is not {word}"
     if isinstance(value, float) and not value.is_integer():
-        return f"{_show(value)} is not {word}"
+        return f"{name} {_show(value)} is not {word}"
     if pa.types.is_unsigned_integer(target) and value < 0:
-        return f"{_show(value)} is negative"
-    return f"{_show(value)} is out of range for {target}"
+        return f"{name} {_show(value)} is negative"
+    return f"{name} {_show(value)} is out of range for {target}"
+
+
+def accepts(value: object, target: pa.DataType) -> bool:
+    """Whether a JSON value has a type that can become `target` (the value itself may not fit)."""
+    if value is None:
+        return True
+    if pa.types.is_boolean(target):
+        return isinstance(value, bool)
+    if pa.types.is_integer(target):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, str)
 
 
 def _show(value: object) -> str:
+    if isinstance(value, str):
+        return repr(value)
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e18:
         return str(int(value))
-    return repr(value) if isinstance(value, str) else str(value)
+    return json.dumps(value, default=str)

@@ -22,7 +22,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from upmtrace.errors import TraceError, UpmtraceError, UsageError
-from upmtrace.trace.cast import Rows, conform
+from upmtrace.trace.cast import Rows, accepts, conform, value_message
 from upmtrace.trace.schema import (
     COLUMNS,
     FORMAT_VERSION,
@@ -37,6 +37,7 @@ from upmtrace.trace.validate import validate
 
 ARROW_ERRORS = (pa.ArrowException, OSError, ValueError)
 _JSONL_BATCH = 1 << 20
+_BLANK = np.array([ord(c) for c in " \t\r\n"], dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def read_trace(path: str | os.PathLike, *, platform: str | None = None) -> Trace
 def _format_of(path: str) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
-        raise TraceError(f"unknown trace format {suffix or '(no extension)'!r} "
+        raise TraceError(f"unknown trace format {repr(suffix) if suffix else '(no extension)'} "
                          f"(supported: {', '.join(SUFFIXES)})", path=path)
     return SUFFIXES[suffix]
 
@@ -162,17 +163,18 @@ def _read_jsonl(path: str) -> Loaded:
 
 
 def _jsonl_line_numbers(path: str, n: int) -> np.ndarray | None:
-    """Line numbers of the non-blank lines (pyarrow skips blank ones); None if there are none."""
-    data = np.fromfile(path, dtype=np.uint8)
+    """Line numbers of the n non-blank lines (pyarrow skips blank ones); None if none is blank."""
+    data = np.memmap(path, dtype=np.uint8, mode="r")
     ends = np.flatnonzero(data == ord("\n"))
     if len(ends) == 0 or ends[-1] != len(data) - 1:
         ends = np.append(ends, len(data))
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    lengths = ends - starts
-    carriage = (lengths == 1) & (data[np.minimum(starts, len(data) - 1)] == ord("\r"))
-    blank = (lengths == 0) | carriage
-    if not blank.any():
+    if len(ends) == n:
         return None
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    filled = ends > starts
+    ink = np.add.reduceat(~np.isin(data, _BLANK), starts[filled], dtype=np.int64)
+    blank = ~filled
+    blank[filled] = ink == 0
     numbers = np.flatnonzero(~blank) + 1
     return numbers[:n]
 
@@ -192,34 +194,28 @@ def _read_jsonl_slowly(path: str) -> Loaded:
                 raise TraceError("not a JSON object", path=path, row=number)
             records.append(record)
             numbers.append(number)
-    rows = Rows(np.asarray(numbers))
-    return Loaded(_table_from_records(records, path, rows), None, rows)
+    rows = Rows(np.asarray(numbers, dtype=np.int64))
+    _check_records(records, path, rows)
+    try:
+        table = pa.Table.from_pylist(records)
+    except ARROW_ERRORS as err:
+        raise TraceError(f"cannot read ({_one_line(err)})", path=path) from None
+    return Loaded(table, None, rows)
 
 
-def _table_from_records(records: list[dict], path: str, rows: Rows) -> pa.Table:
-    names = list(dict.fromkeys(name for record in records for name in record))
-    columns = {}
-    for name in names:
-        values = [record.get(name) for record in records]
-        try:
-            columns[name] = pa.array(values)
-        except ARROW_ERRORS:
-            index, value = _first_odd_value(values)
-            raise TraceError(f"{_json_show(value)} does not match the type of the rows above",
-                             path=path, row=rows(index), column=name) from None
-    return pa.table(columns)
-
-
-def _first_odd_value(values: list) -> tuple[int, object]:
-    """First value whose JSON type differs from the first non-null value's."""
-    def family(v):
-        return "number" if isinstance(v, int | float) and not isinstance(v, bool) else type(v)
-    first = next(family(v) for v in values if v is not None)
-    return next((i, v) for i, v in enumerate(values) if v is not None and family(v) != first)
-
-
-def _json_show(value: object) -> str:
-    return json.dumps(value) if not isinstance(value, dict | list) else type(value).__name__
+def _check_records(records: list[dict], path: str, rows: Rows) -> None:
+    """The earliest value of a wrong JSON type, or key that is not a column, as a TraceError."""
+    types = {field.name: field.type for field in SCHEMA}
+    for index, record in enumerate(records):
+        for name, value in record.items():
+            if name not in types:
+                raise TraceError(f"unknown column (known: {', '.join(COLUMNS)})", path=path,
+                                 row=rows(index), column=name)
+            if not accepts(value, types[name]):
+                target = types[name]
+                target = target.value_type if pa.types.is_dictionary(target) else target
+                raise TraceError(value_message(name, value, target), path=path,
+                                 row=rows(index), column=name)
 
 
 def _parse_metadata(raw: dict[bytes, bytes], path: str) -> dict:
