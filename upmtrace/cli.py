@@ -82,6 +82,45 @@ def info(trace: str, fmt: str, platform: str | None) -> None:
     click.echo(RENDERERS[fmt](summary, shutil.get_terminal_size().columns), nl=False)
 
 
+def _synth_help() -> str:
+    from upmtrace.trace.synth import WORKLOADS
+
+    lines = "\n".join(f"  {w.name:<12} {w.summary} ({w.platform})" for w in WORKLOADS.values())
+    return ("Write a deterministic synthetic trace of WORKLOAD to OUT (format by extension).\n\n"
+            "The same options give the same file, byte for byte. Workloads:\n\n\b\n" + lines)
+
+
+def _workload_names() -> list[str]:
+    from upmtrace.trace.synth import WORKLOADS
+
+    return list(WORKLOADS)
+
+
+@cli.command(help=_synth_help())
+@click.argument("workload", type=click.Choice(_workload_names()), metavar="WORKLOAD")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
+              help="Trace file to write (.parquet, .arrow/.feather, .jsonl, .csv).")
+@click.option("--memory", type=SizeType(), default="1G", show_default=True,
+              help="Guest memory (multiple of 2M, 256M..256G).")
+@click.option("--vcpus", type=click.IntRange(1, 512), default=4, show_default=True,
+              help="Number of vCPUs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--platform", type=PLATFORM, default=None,
+              help="Platform recorded in the trace (default: the workload's).")
+def synth(workload: str, out: str, memory: int, vcpus: int, seed: int,
+          platform: str | None) -> None:
+    import os
+
+    from upmtrace.trace.io import write_trace
+    from upmtrace.trace.synth import synthesize
+    from upmtrace.units import human_bytes
+
+    result = synthesize(workload, memory=memory, vcpus=vcpus, seed=seed, platform=platform)
+    write_trace(result.table, out, platform=result.platform, source=result.source)
+    click.echo(f"{result.table.num_rows} rows written to {out} "
+               f"({human_bytes(os.path.getsize(out))})")
+
+
 # --- replay commands (replay, compare, policies) ------------------------------------------
 
 
@@ -121,19 +160,31 @@ def emit(text: str, output: str | None) -> None:
               show_default=True, help="Output format; json is the section 6 report.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Write the report to FILE (atomically) instead of stdout.")
+@click.option("--timeline", type=click.Path(dir_okay=False), default=None,
+              help="Also write counters sampled over the trace's time to FILE (.parquet|.csv).")
+@click.option("--timeline-rows", type=click.IntRange(1), default=1000, show_default=True,
+              help="At most this many timeline samples (plus the final state).")
 @click.option("--paranoid", is_flag=True, help="Check every model invariant after every event.")
 def replay(trace: str, policy_spec: str, overrides: tuple[str, ...], costs_file: str | None,
-           platform: str | None, fmt: str, output: str | None, paranoid: bool) -> None:
+           platform: str | None, fmt: str, output: str | None, timeline: str | None,
+           timeline_rows: int, paranoid: bool) -> None:
     """Replay TRACE under a policy and report exits, memory and direct-map cost."""
     from upmtrace.costs import load_costs
     from upmtrace.engine import replay as run
     from upmtrace.policy import load_policy, parse_overrides
     from upmtrace.report import RENDERERS
+    from upmtrace.timeline import Timeline, check_path
     from upmtrace.trace.io import read_trace
 
     policy = load_policy(policy_spec, parse_overrides(overrides))
     costs = load_costs(costs_file) if costs_file else None
-    result = run(read_trace(trace, platform=platform), policy, costs=costs, paranoid=paranoid)
+    if timeline:
+        check_path(timeline)
+    loaded = read_trace(trace, platform=platform)
+    sampler = Timeline.over(loaded.table, timeline_rows) if timeline else None
+    result = run(loaded, policy, costs=costs, paranoid=paranoid, timeline=sampler)
+    if sampler:
+        sampler.write(timeline)
     emit(RENDERERS[fmt](result, width()), output)
 
 

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 from upmtrace.costs import default_costs, estimate
 from upmtrace.model.machine import PRIVATE, SHARED, Machine
 from upmtrace.policy import PRESETS, Policy
+from upmtrace.timeline import Timeline
 from upmtrace.trace.schema import (
     BLOCK_SIZE,
     MSR_REQ,
@@ -68,22 +69,31 @@ class Engine:
 
     # --- the loop ---------------------------------------------------------------------------
 
-    def run(self, rows: Iterator[Row]) -> None:
+    def run(self, rows: Iterator[Row], timeline: Timeline | None = None) -> None:
         request: list[Row] = []
-        for row in rows:
-            if row[1] == "psc":
-                if request and (row[9] == MSR_REQ or (row[2], row[9]) != (request[0][2],
-                                                                          request[0][9])):
-                    self.event_done(self.psc(request))
-                    request = []
-                request.append(row)
-                continue
-            if request:
+        due = timeline.next if timeline else None  # ts of the next timeline sample
+        events = ts = 0
+        for events, row in enumerate(rows, 1):
+            if request and (row[1] != "psc" or row[9] == MSR_REQ
+                            or (row[2], row[9]) != (request[0][2], request[0][9])):
                 self.event_done(self.psc(request))
                 request = []
-            self.event_done(self.handlers[row[1]](row))
+            if due is not None and row[0] > due:
+                self.sample(timeline, ts, events - 1 - len(request))
+                due = timeline.next
+            ts = row[0]
+            if row[1] == "psc":
+                request.append(row)
+            else:
+                self.event_done(self.handlers[row[1]](row))
         if request:
             self.event_done(self.psc(request))
+        if timeline is not None:
+            self.sample(timeline, ts, events, final=True)
+
+    def sample(self, timeline: Timeline, ts: int, events: int, final: bool = False) -> None:
+        timeline.sample(ts, events, self.m.memory_pages(), self.count, self.m.directmap.splits,
+                        final)
 
     def event_done(self, _: None = None) -> None:
         if self.paranoid:
@@ -297,7 +307,7 @@ def iter_rows(table: pa.Table, batch_rows: int = BATCH_ROWS) -> Iterator[Row]:
 
 def replay(trace, policy: Policy | None = None, *, platform: str | None = None,
            costs: dict[str, int] | None = None, paranoid: bool = False,
-           batch_rows: int = BATCH_ROWS) -> Result:
+           batch_rows: int = BATCH_ROWS, timeline: Timeline | None = None) -> Result:
     """Replay a Trace (or a bare SCHEMA table) under a policy; returns the section 6 report."""
     policy = policy or PRESETS["eager"]
     if isinstance(trace, pa.Table):
@@ -309,7 +319,7 @@ def replay(trace, policy: Policy | None = None, *, platform: str | None = None,
         info = {"path": trace.path, "sha256": trace.sha256}
     info = {**info, "events": table.num_rows, "platform": plat.value}
     engine = Engine(policy, plat, paranoid=paranoid)
-    engine.run(iter_rows(table, batch_rows))
+    engine.run(iter_rows(table, batch_rows), timeline)
     return Result(engine.report(info, recorded, costs))
 
 
