@@ -1,0 +1,80 @@
+"""Deterministic synthetic workloads (SPEC.md section 3, `upmtrace synth`).
+
+`synthesize(name, memory=..., vcpus=..., seed=..., platform=...)` returns a `Synth` whose table
+conforms to the trace schema, rows in replay order. The same arguments give the same table, and
+so the same file bytes. Every column is generated with numpy, never row by row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from upmtrace.errors import UsageError
+from upmtrace.trace.schema import Platform
+from upmtrace.trace.synth import workloads
+from upmtrace.trace.synth.events import Ctx
+from upmtrace.trace.synth.layout import boot_accepted_bytes, make_layout
+from upmtrace.trace.synth.rows import Script
+
+__all__ = ["WORKLOADS", "Synth", "Workload", "format_size", "synthesize"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    summary: str  # one line for --help
+    build: Callable[[Ctx], Script]
+    platform: Platform = Platform.SNP
+    lazy_boot: bool = False  # only max(256 MiB, memory/16) is accepted at boot
+
+
+@dataclass(frozen=True)
+class Synth:
+    table: pa.Table
+    platform: str
+    source: str
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload("snp-boot", "SNP boot: RAM accepted, GHCB/SWIOTLB shared, DMA",
+                 workloads.snp_boot),
+        Workload("lazy-accept", "SNP lazy acceptance: PSC + 1024 faults per 4 MiB",
+                 workloads.lazy_accept, lazy_boot=True),
+        Workload("dma-churn", "SNP driver sharing each DMA buffer and taking it back",
+                 workloads.dma_churn, lazy_boot=True),
+        Workload("tdx-boot", "TDX boot: accept faults, MapGPA-shared SWIOTLB, DMA",
+                 workloads.tdx_boot, platform=Platform.TDX),
+        Workload("implicit", "flips by touching with the other C-bit, no PSC",
+                 workloads.implicit, lazy_boot=True),
+    )
+}
+
+
+def format_size(size: int) -> str:
+    """Bytes as the shortest exact '1G' / '512M' / '4096' string."""
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if size and size % (1 << shift) == 0:
+            return f"{size >> shift}{unit}"
+    return str(size)
+
+
+def synthesize(name: str, *, memory: int, vcpus: int = 4, seed: int = 0,
+               platform: str | None = None) -> Synth:
+    """Generate workload `name` for a guest of `memory` bytes and `vcpus` vCPUs."""
+    workload = WORKLOADS.get(name)
+    if workload is None:
+        raise UsageError(f"unknown workload {name!r} (choose from {', '.join(WORKLOADS)})")
+    platform = Platform(platform or workload.platform).value
+    rng = np.random.default_rng(seed)
+    boot = boot_accepted_bytes(memory) if workload.lazy_boot else memory
+    ctx = Ctx(make_layout(memory, vcpus, boot, rng), rng)
+    table = workload.build(ctx).table()
+    source = (f"upmtrace synth {name} --memory {format_size(memory)} --vcpus {vcpus} "
+              f"--seed {seed} --platform {platform}")
+    return Synth(table, platform, source)
