@@ -85,7 +85,7 @@ def _conform_column(column: pa.Array, field: pa.Field, path: str | None, rows: R
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         index = _first_failing(column, lambda part: part.cast(field.type))
         value = column[index].as_py()
-        raise TraceError(value_message(field.name, value, field.type), path=path,
+        raise TraceError(value_message(field.name, value, field.type, text=text), path=path,
                          row=rows(index), column=field.name) from None
 
 
@@ -160,12 +160,12 @@ def _succeeds(attempt: Callable[[pa.Array], object], part: pa.Array) -> bool:
     return True
 
 
-def value_message(name: str, value: object, target: pa.DataType) -> str:
-    """Why `value` (a Python value, or a CSV cell) of column `name` is not a valid `target`."""
+def value_message(name: str, value: object, target: pa.DataType, *, text: bool = False) -> str:
+    """Why `value` of column `name` is not a valid `target`; `text`: value is a CSV cell."""
     word = _WORDS.get(str(target), str(target))
     if pa.types.is_string(target) or pa.types.is_boolean(target):
         return f"{name} {_show(value)} is not {word}"
-    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value):
+    if text and isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         return f"{name} {_show(value)} is not {word}"
