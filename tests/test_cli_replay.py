@@ -107,3 +107,18 @@ def test_policies_lists_every_preset_and_knob():
     assert result.exit_code == 0
     for name in [*PRESETS, *KNOBS]:
         assert name in result.output
+
+
+def test_replay_shows_recorded_versus_model(tmp_path):
+    path = tmp_path / "rec.parquet"
+    recorded = {"exits": {"userspace": {"KVM_EXIT_HYPERCALL": 3}, "vm": {"npf": 2}}}
+    write_trace(table(memslot(0, 0, 4 * M), npf(0, True), psc(0, 8 * K, "shared")), path,
+                recorded=recorded)
+    report = json.loads(run("replay", str(path), "--format", "json").output)
+    assert report["recorded"] == recorded
+    lines = run("replay", str(path)).output.splitlines()
+    assert any("Recorded" in line and "Diff" in line for line in lines)
+    hypercall = next(line for line in lines if "KVM_EXIT_HYPERCALL" in line)
+    assert hypercall.split("│")[-3].strip() == "3" and hypercall.split("│")[-2].strip() == "-2"
+    npf_line = next(line for line in lines if "│ npf " in line)
+    assert npf_line.split("│")[-2].strip() == "+0"

@@ -25,21 +25,44 @@ def to_text(*renderables, width: int) -> str:
 
 
 def exits_table(report: dict) -> Table:
+    """Exits by reason as `perf kvm stat` shows them; recorded vs model when the trace has it."""
     exits = report["exits"]
     total = exits["userspace_total"] + exits["vm_total"]
     costs = report["cost"]["by_category"]
+    recorded = report.get("recorded", {}).get("exits", {})
     t = Table(title="Exits", title_justify="left")
-    for col in ("VM-EXIT", "Samples", "Samples%", "Est. time"):
-        t.add_column(col, justify="left" if col == "VM-EXIT" else "right")
+    t.add_column("VM-EXIT", no_wrap=True)
+    for col in ("Samples", "Samples%", "Est. time"):
+        t.add_column(col, justify="right")
+    if recorded:
+        t.add_column("Recorded", justify="right")
+        t.add_column("Diff", justify="right")  # model - recorded
     for level in ("vm", "userspace"):
         level_total = exits[f"{level}_total"]
         per_exit = costs[EXIT_COST[level]] / level_total if level_total else 0
         for reason, n in exits[level].items():
             share = f"{100 * n / total:.2f}%" if total else "-"
-            t.add_row(f"{level}: {reason}", f"{n:,}", share, ns(n * per_exit))
+            t.add_row(reason, f"{n:,}", share, ns(n * per_exit),
+                      *versus(n, recorded.get(level, {}).get(reason), bool(recorded)))
     t.add_row("Total Samples", f"{total:,}", "100.00%" if total else "-",
-              ns(costs["vm_exit"] + costs["userspace_exit"]), style="bold")
+              ns(costs["vm_exit"] + costs["userspace_exit"]),
+              *versus(total, recorded_total(recorded), bool(recorded)), style="bold")
     return t
+
+
+def versus(model: int, recorded: int | None, shown: bool) -> tuple[str, ...]:
+    if not shown:
+        return ()
+    if recorded is None:
+        return ("-", "-")
+    return (f"{recorded:,}", f"{model - recorded:+,}")
+
+
+def recorded_total(recorded: dict) -> int | None:
+    levels = [recorded.get(level) for level in ("vm", "userspace")]
+    if not any(levels):
+        return None
+    return sum(v for level in levels if level for v in level.values() if isinstance(v, int))
 
 
 def pairs_table(title: str, rows: list[tuple[str, str]]) -> Table:
