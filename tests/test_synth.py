@@ -107,6 +107,12 @@ def test_ghcb_requests_are_well_formed(name, synths):
         last_id[vcpu] = req
 
 
+def test_every_workload_has_a_builder():
+    from upmtrace.trace.synth.workloads import BUILDERS
+
+    assert list(BUILDERS) == list(WORKLOADS)
+
+
 def test_platform_override():
     assert synthesize("snp-boot", memory=256 * MiB, platform="sw").platform == "sw"
     assert synthesize("tdx-boot", memory=256 * MiB).platform == "tdx"

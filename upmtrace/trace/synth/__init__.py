@@ -3,22 +3,20 @@
 `synthesize(name, memory=..., vcpus=..., seed=..., platform=...)` returns a `Synth` whose table
 conforms to the trace schema, rows in replay order. The same arguments give the same table, and
 so the same file bytes. Every column is generated with numpy, never row by row.
+
+This module only describes the workloads (the CLI lists them at import time); numpy and the
+generators are imported when `synthesize` runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-
-import numpy as np
-import pyarrow as pa
+from typing import TYPE_CHECKING
 
 from upmtrace.errors import UsageError
-from upmtrace.trace.schema import Platform
-from upmtrace.trace.synth import workloads
-from upmtrace.trace.synth.events import Ctx
-from upmtrace.trace.synth.layout import boot_accepted_bytes, make_layout
-from upmtrace.trace.synth.rows import Script
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = ["WORKLOADS", "Synth", "Workload", "format_size", "synthesize"]
 
@@ -26,9 +24,8 @@ __all__ = ["WORKLOADS", "Synth", "Workload", "format_size", "synthesize"]
 @dataclass(frozen=True)
 class Workload:
     name: str
-    summary: str  # one line for --help
-    build: Callable[[Ctx], Script]
-    platform: Platform = Platform.SNP
+    summary: str  # one line for --help; the generator is workloads.BUILDERS[name]
+    platform: str = "snp"  # a Platform value (plain str: schema.py imports pyarrow)
     lazy_boot: bool = False  # only max(256 MiB, memory/16) is accepted at boot
 
 
@@ -42,16 +39,15 @@ class Synth:
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in (
-        Workload("snp-boot", "SNP boot: RAM accepted, GHCB/SWIOTLB shared, DMA",
-                 workloads.snp_boot),
+        Workload("snp-boot", "SNP boot: RAM accepted, GHCB/SWIOTLB shared, DMA"),
         Workload("lazy-accept", "SNP lazy acceptance: PSC + 1024 faults per 4 MiB",
-                 workloads.lazy_accept, lazy_boot=True),
+                 lazy_boot=True),
         Workload("dma-churn", "SNP driver sharing each DMA buffer and taking it back",
-                 workloads.dma_churn, lazy_boot=True),
+                 lazy_boot=True),
         Workload("tdx-boot", "TDX boot: accept faults, MapGPA-shared SWIOTLB, DMA",
-                 workloads.tdx_boot, platform=Platform.TDX),
+                 platform="tdx"),
         Workload("implicit", "flips by touching with the other C-bit, no PSC",
-                 workloads.implicit, lazy_boot=True),
+                 lazy_boot=True),
     )
 }
 
@@ -70,11 +66,18 @@ def synthesize(name: str, *, memory: int, vcpus: int = 4, seed: int = 0,
     workload = WORKLOADS.get(name)
     if workload is None:
         raise UsageError(f"unknown workload {name!r} (choose from {', '.join(WORKLOADS)})")
+    import numpy as np
+
+    from upmtrace.trace.schema import Platform
+    from upmtrace.trace.synth.events import Ctx
+    from upmtrace.trace.synth.layout import boot_accepted_bytes, make_layout
+    from upmtrace.trace.synth.workloads import BUILDERS
+
     platform = Platform(platform or workload.platform).value
     rng = np.random.default_rng(seed)
     boot = boot_accepted_bytes(memory) if workload.lazy_boot else memory
     ctx = Ctx(make_layout(memory, vcpus, boot, rng), rng)
-    table = workload.build(ctx).table()
+    table = BUILDERS[name](ctx).table()
     source = (f"upmtrace synth {name} --memory {format_size(memory)} --vcpus {vcpus} "
               f"--seed {seed} --platform {platform}")
     return Synth(table, platform, source)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from upmtrace.trace.schema import PAGE_SHIFT, PscOp
@@ -118,3 +120,12 @@ def implicit(ctx: Ctx) -> Script:
     script.add(*percpu_shared(ctx, "implicit"), *rings(ctx, "implicit"))
     flips = buffer_cycles(ctx, lay.memory // (512 << 10), "implicit")
     return script.add(interleaved(ctx, flips, n_io=io_count(lay)))
+
+
+BUILDERS: dict[str, Callable[[Ctx], Script]] = {
+    "snp-boot": snp_boot,
+    "lazy-accept": lazy_accept,
+    "dma-churn": dma_churn,
+    "tdx-boot": tdx_boot,
+    "implicit": implicit,
+}
