@@ -344,3 +344,15 @@ def test_shipped_samples_are_what_make_samples_makes(args, tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / shipped.name).read_bytes() == shipped.read_bytes()
     assert shipped.stat().st_size < 5 * MiB
+
+
+def test_merge_interleaves_whole_groups_by_key():
+    from upmtrace.trace.schema import Kind
+    from upmtrace.trace.synth.rows import Phase, Script, merge, rows
+
+    a = Phase(np.array([0.0, 1.0, 2.0])).add(rows(Kind.NPF, np.arange(6), vcpu=0, private=True),
+                                              np.array([2, 3, 1]))
+    b = Phase(np.array([0.5, 0.5, 9.0])).add(rows(Kind.NPF, np.arange(100, 103), vcpu=1,
+                                                  private=False), np.array([1, 0, 2]))
+    table = Script().add(merge(a, b)).table()
+    assert [g >> 12 for g in table.column("gpa").to_pylist()] == [0, 1, 100, 2, 3, 4, 5, 101, 102]
