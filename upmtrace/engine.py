@@ -52,8 +52,14 @@ class Result:
 class Engine:
     """Feeds events to a Machine and keeps the exit and memory counters."""
 
-    def __init__(self, policy: Policy, platform: Platform, paranoid: bool = False) -> None:
+    def __init__(self, policy: Policy, platform: Platform, paranoid: bool = False,
+                 timeline: Timeline | None = None) -> None:
         self.policy = policy
+        self.timeline = timeline
+        self.due = timeline.next if timeline else float("inf")  # ts of the next sample
+        self.request: list[Row] = []  # the PSC request being gathered
+        self.events = 0  # rows fed
+        self.ts = 0  # ts of the last row fed
         self.platform = platform
         self.m = Machine(policy, platform)
         self.count = self.m.count
@@ -69,31 +75,43 @@ class Engine:
 
     # --- the loop ---------------------------------------------------------------------------
 
-    def run(self, rows: Iterator[Row], timeline: Timeline | None = None) -> None:
-        request: list[Row] = []
-        due = timeline.next if timeline else None  # ts of the next timeline sample
-        events = ts = 0
-        for events, row in enumerate(rows, 1):
-            if request and (row[1] != "psc" or row[9] == MSR_REQ
-                            or (row[2], row[9]) != (request[0][2], request[0][9])):
-                self.event_done(self.psc(request))
-                request = []
-            if due is not None and row[0] > due:
-                self.sample(timeline, ts, events - 1 - len(request))
-                due = timeline.next
-            ts = row[0]
-            if row[1] == "psc":
-                request.append(row)
-            else:
-                self.event_done(self.handlers[row[1]](row))
-        if request:
-            self.event_done(self.psc(request))
-        if timeline is not None:
-            self.sample(timeline, ts, events, final=True)
+    def run(self, rows: Iterator[Row]) -> None:
+        for row in rows:
+            self.feed(row)
+        self.finish()
 
-    def sample(self, timeline: Timeline, ts: int, events: int, final: bool = False) -> None:
-        timeline.sample(ts, events, self.m.memory_pages(), self.count, self.m.directmap.splits,
-                        final)
+    def feed(self, row: Row) -> None:
+        """One trace row; consecutive psc rows of one (vcpu, req) gather into one request."""
+        request = self.request
+        if request and (row[1] != "psc" or row[9] == MSR_REQ
+                        or (row[2], row[9]) != (request[0][2], request[0][9])):
+            self.flush()
+        if row[0] > self.due:
+            self.sample()
+        self.ts = row[0]
+        self.events += 1
+        if row[1] == "psc":
+            self.request.append(row)
+        else:
+            self.event_done(self.handlers[row[1]](row))
+
+    def flush(self) -> None:
+        """Replay the PSC request being gathered, if any."""
+        if self.request:
+            request, self.request = self.request, []
+            self.event_done(self.psc(request))
+
+    def finish(self) -> None:
+        self.flush()
+        if self.timeline is not None:
+            self.sample(final=True)
+
+    def sample(self, final: bool = False) -> None:
+        """A timeline row for the state after every event fed so far (pending PSC excepted)."""
+        timeline = self.timeline
+        timeline.sample(self.ts, self.events - len(self.request), self.m.memory_pages(),
+                        self.count, self.m.directmap.splits, final)
+        self.due = timeline.next
 
     def event_done(self, _: None = None) -> None:
         if self.paranoid:
@@ -318,8 +336,8 @@ def replay(trace, policy: Policy | None = None, *, platform: str | None = None,
         plat = Platform(platform or trace.platform)
         info = {"path": trace.path, "sha256": trace.sha256}
     info = {**info, "events": table.num_rows, "platform": plat.value}
-    engine = Engine(policy, plat, paranoid=paranoid)
-    engine.run(iter_rows(table, batch_rows), timeline)
+    engine = Engine(policy, plat, paranoid=paranoid, timeline=timeline)
+    engine.run(iter_rows(table, batch_rows))
     return Result(engine.report(info, recorded, costs))
 
 
