@@ -41,14 +41,16 @@ class Rows:
 
 def conform(table: pa.Table, *, path: str | None = None, rows: Rows | None = None,
             text: bool = False) -> pa.Table:
-    """Return `table` as exactly SCHEMA (one chunk per column); `text`: strings may hold numbers."""
+    """Return `table` as exactly SCHEMA; `text`: strings (CSV cells) may hold numbers."""
     rows = rows or Rows()
     _check_names(table, path, rows)
     n = table.num_rows
     arrays = []
     for field in SCHEMA:
         if field.name in table.column_names:
-            column = table.column(field.name).combine_chunks()
+            column = table.column(field.name)
+            if pa.types.is_dictionary(field.type):
+                column = column.combine_chunks()  # one dictionary for every row
             arrays.append(_conform_column(column, field, path, rows, text))
         else:
             arrays.append(pa.nulls(n, field.type))
@@ -70,8 +72,8 @@ def _check_names(table: pa.Table, path: str | None, rows: Rows) -> None:
             raise TraceError("required column is missing", path=path, column=name)
 
 
-def _conform_column(column: pa.Array, field: pa.Field, path: str | None, rows: Rows,
-                    text: bool) -> pa.Array:
+def _conform_column(column: pa.Array | pa.ChunkedArray, field: pa.Field, path: str | None,
+                    rows: Rows, text: bool) -> pa.Array | pa.ChunkedArray:
     if column.null_count == len(column):
         return pa.nulls(len(column), field.type)
     if pa.types.is_dictionary(field.type):

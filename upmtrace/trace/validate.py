@@ -36,25 +36,33 @@ class Columns:
 
     def __init__(self, table: pa.Table) -> None:
         self.table = table
-        self.n = table.num_rows
+        self._values: dict[str, np.ndarray] = {}
+        self._nulls: dict[str, np.ndarray] = {}
         self.kind = self.codes("kind")
         self.op = self.codes("op")
 
     def codes(self, name: str) -> np.ndarray:
         """Dictionary indices, -1 for null."""
         indices = self.table.column(name).combine_chunks().indices
-        return np.asarray(indices.fill_null(-1), dtype=np.int64)
+        return np.asarray(indices.fill_null(-1), dtype=np.int8)
 
     def values(self, name: str) -> np.ndarray:
-        column = self.table.column(name)
-        fill = False if pa.types.is_boolean(column.type) else 0
-        return np.asarray(column.fill_null(fill))
+        if name not in self._values:
+            column = self.table.column(name)
+            fill = False if pa.types.is_boolean(column.type) else 0
+            self._values[name] = np.asarray(column.fill_null(fill))
+        return self._values[name]
 
     def null(self, name: str) -> np.ndarray:
-        return np.asarray(self.table.column(name).is_null())
+        if name not in self._nulls:
+            self._nulls[name] = np.asarray(self.table.column(name).is_null())
+        return self._nulls[name]
 
     def of_kinds(self, kinds) -> np.ndarray:
-        return np.isin(self.kind, [CODE[k] for k in kinds])
+        """Rows whose kind is one of `kinds` (a lookup table indexed by the int8 code)."""
+        lookup = np.zeros(256, dtype=bool)
+        lookup[[CODE[k] for k in kinds]] = True
+        return lookup[self.kind.view(np.uint8)]
 
     def label(self, name: str, index: int) -> str:
         return str(self.table.column(name)[index].as_py())
