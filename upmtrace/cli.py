@@ -231,6 +231,63 @@ def compare(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...
     emit(RENDERERS[fmt](comparison, width()), output)
 
 
+@cli.command()
+@click.argument("trace", metavar="TRACE")
+@click.option("--baseline", required=True, type=click.Path(dir_okay=False),
+              help="The baseline JSON file (written by --update).")
+@click.option("--policy", "policy_spec", default=None,
+              help="The baseline's policy, possibly with edited knobs (default: the policy "
+                   "recorded in the baseline).")
+@policy_options
+@click.option("--platform", type=PLATFORM, default=None,
+              help="Override the trace's platform (default: its metadata, else snp).")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=None, metavar="PCT",
+              help="Allowed growth in percent (default: the baseline's, else 0).")
+@click.option("--metric", "metrics", multiple=True, metavar="KEY",
+              help="A report key to guard, or a section such as `memory` (repeatable; "
+                   "default: the baseline's, else every key under `exits`).")
+@click.option("--allow-trace-change", is_flag=True,
+              help="Accept a trace whose sha256 differs from the baseline's.")
+@click.option("--update", is_flag=True,
+              help="Replay and (re)write the baseline instead of checking against it.")
+@click.option("--junit", type=click.Path(dir_okay=False), default=None,
+              help="Also write a JUnit XML file: one testcase per guarded metric.")
+@click.pass_context
+def check(ctx: click.Context, trace: str, baseline: str, policy_spec: str | None,
+          overrides: tuple[str, ...], costs_file: str | None, platform: str | None,
+          tolerance: float | None, metrics: tuple[str, ...], allow_trace_change: bool,
+          update: bool, junit: str | None) -> None:
+    """CI gate: exit 1 when a guarded metric of TRACE grew beyond the tolerance over BASELINE.
+
+    Exit 0 when nothing regressed, 1 on a regression, 3 when the baseline is missing or broken,
+    the trace's sha256 differs from the baseline's (unless --allow-trace-change) or --policy
+    names another policy than the baseline's (use `compare` for that).
+    """
+    from fractions import Fraction
+
+    from upmtrace import gate
+    from upmtrace.atomic import write_text
+    from upmtrace.costs import load_costs
+    from upmtrace.policy import parse_overrides
+    from upmtrace.report.check import RENDERERS
+
+    request = gate.Request(
+        baseline, policy_spec, parse_overrides(overrides),
+        load_costs(costs_file) if costs_file else None, platform,
+        None if tolerance is None else Fraction(str(tolerance)), metrics, allow_trace_change)
+    if update:
+        written = gate.update(trace, request)
+        click.echo(f"wrote {baseline}: policy {written.result.report['policy']['name']}, "
+                   f"{len(written.metrics)} guarded metrics, tolerance "
+                   f"{float(written.tolerance):g}%")
+        return
+    outcome = gate.check(trace, request)
+    click.echo(RENDERERS["table"](outcome, width()), nl=False)
+    if junit:
+        write_text(junit, RENDERERS["junit"](outcome, width()))
+    ctx.exit(1 if outcome.regressions else 0)
+
+
 def main() -> None:
     cli(prog_name="upmtrace")
 
