@@ -1,0 +1,66 @@
+"""Golden files for the compare and check renderers, at a fixed width of 100 columns.
+
+A renderer change shows up as a diff of tests/golden/*. To accept it, regenerate on purpose and
+review the diff:  UPDATE_GOLDEN=1 pytest tests/test_report_golden.py
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from scenario import table
+from test_cli_compare import ROWS
+
+from upmtrace.compare import compare
+from upmtrace.gate import Outcome, Verdict, status
+from upmtrace.policy import PRESETS
+from upmtrace.report import check as check_report
+from upmtrace.report import compare as compare_report
+
+GOLDEN = Path(__file__).parent / "golden"
+WIDTH = 100
+
+
+def assert_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert path.exists(), f"{path} is missing: run with UPDATE_GOLDEN=1 to create it"
+    assert text == path.read_text()
+
+
+@pytest.fixture(scope="module")
+def comparison():
+    return compare(table(*ROWS), [PRESETS["eager"], PRESETS["lazy"]], workers=1)
+
+
+@pytest.fixture(scope="module")
+def outcome():
+    tolerance = Fraction(10)
+    values = [("exits.userspace.KVM_EXIT_HYPERCALL", 2, 3), ("exits.userspace_total", 2, 3),
+              ("exits.vm.npf", 100, 108), ("exits.vm.vmgexit", 5, 4),
+              ("exits.userspace.KVM_EXIT_MEMORY_FAULT", 0, 1), ("exits.vm_total", 105, 112),
+              ("memory.peak_resident_bytes", 8192, 8192), ("memory.ratio_to_touched", 1.5, 1.25)]
+    verdicts = tuple(Verdict(key, old, new, status(old, new, tolerance))
+                     for key, old, new in values)
+    return Outcome(verdicts, tolerance, "eager", "baseline.json", "t.parquet",
+                   trace_changed=True, knob_changes={"exits": ("coalesce", "per-entry")})
+
+
+def test_compare_table(comparison):
+    assert_golden("compare_table.txt", compare_report.render_table(comparison, WIDTH))
+
+
+def test_compare_csv(comparison):
+    assert_golden("compare.csv", compare_report.render_csv(comparison, WIDTH))
+
+
+def test_check_table(outcome):
+    assert_golden("check_table.txt", check_report.render_table(outcome, WIDTH))
+
+
+def test_check_junit(outcome):
+    assert_golden("check_junit.xml", check_report.render_junit(outcome, WIDTH))
