@@ -288,3 +288,20 @@ def test_metadata_defaults(tmp_path):
     result = CliRunner().invoke(cli, ["info", "t.parquet", "--format", "json"])
     summary = json.loads(result.stdout)
     assert (summary["platform"], summary["recorded"]) == ("snp", {"exits": 1})
+
+
+def test_jsonl_invalid_utf8_and_crlf(tmp_path):
+    agent = '{"ts": 2, "kind": "host_access", "gpa": 0, "size": 8, "agent": "\xff"}'
+    (tmp_path / "t.jsonl").write_bytes(b"\r\n".join([NPF.encode(), b"", agent.encode("latin-1")]))
+    assert_error("t.jsonl", "t.jsonl, row 3, column 'agent': agent is not valid UTF-8")
+
+
+def test_arrow_invalid_utf8(tmp_path):
+    offsets = pa.py_buffer(bytes([0, 0, 0, 0, 3, 0, 0, 0, 4, 0, 0, 0]))
+    bad = pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(b"vmm\xff")])
+    table = pa.table({"ts": [0, 1], "kind": ["host_access"] * 2, "gpa": [0, 0], "size": [8, 8],
+                      "agent": pa.DictionaryArray.from_arrays(pa.array([0, 1], pa.int8()), bad)})
+    with pa.OSFile(str(tmp_path / "t.arrow"), "wb") as sink, \
+            pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    assert_error("t.arrow", "t.arrow, row 2, column 'agent': agent is not valid UTF-8")

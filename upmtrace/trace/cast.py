@@ -114,12 +114,24 @@ def _encode(column: pa.Array, field: pa.Field, path: str | None, rows: Rows) -> 
         raise TraceError(value_message(field.name, column[index].as_py(), pa.string()),
                          path=path, row=rows(index), column=field.name)
     values = values.cast(pa.string())
+    _check_utf8(values, indices, field.name, path, rows)
     used = values if indices is None else values.take(pc.unique(indices).drop_null())
     dictionary = _dictionary(field.name, pc.unique(used).drop_null().to_pylist(), path)
     remapped = pc.index_in(values, value_set=dictionary)
     if indices is not None:  # remap the (few) dictionary entries, then take by index
         remapped = remapped.take(indices)
     return pa.DictionaryArray.from_arrays(remapped.cast(pa.int8()), dictionary)
+
+
+def _check_utf8(values: pa.Array, indices: pa.Array | None, name: str, path: str | None,
+                rows: Rows) -> None:
+    """Arrow files and pyarrow's JSON reader do not check that strings are UTF-8; do it here."""
+    if _succeeds(lambda part: part.validate(full=True), values):
+        return
+    bad = _first_failing(values, lambda part: part.validate(full=True))
+    if indices is not None:
+        bad = int(np.argmax(np.asarray(pc.equal(indices, bad).fill_null(False))))
+    raise TraceError(f"{name} is not valid UTF-8", path=path, row=rows(bad), column=name)
 
 
 def _dictionary(name: str, used: list[str], path: str | None) -> pa.Array:

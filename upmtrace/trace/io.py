@@ -75,8 +75,11 @@ def read_trace(path: str | os.PathLike, *, platform: str | None = None) -> Trace
     reader = READERS[_format_of(path)]
     digest = _sha256(path)
     loaded = reader(path)
-    table = conform(loaded.table, path=path, rows=loaded.rows, text=loaded.text)
-    validate(table, path=path, rows=loaded.rows)
+    try:
+        table = conform(loaded.table, path=path, rows=loaded.rows, text=loaded.text)
+        validate(table, path=path, rows=loaded.rows)
+    except (pa.ArrowException, UnicodeError) as err:  # a file pyarrow read but cannot handle
+        raise TraceError(f"cannot read ({_one_line(err)})", path=path) from err
     meta = _parse_metadata(loaded.metadata or {}, path)
     chosen = _platform(platform) if platform is not None else meta["platform"]
     return Trace(path=path, table=table, platform=chosen, source=meta["source"],
@@ -182,7 +185,7 @@ def _jsonl_line_numbers(path: str, n: int) -> np.ndarray | None:
 def _read_jsonl_slowly(path: str) -> Loaded:
     """pyarrow refused the file: find the offending line with json, or build the table here."""
     records, numbers = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -190,6 +193,8 @@ def _read_jsonl_slowly(path: str) -> Loaded:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise TraceError(f"not valid JSON ({err.msg})", path=path, row=number) from None
+            except UnicodeDecodeError:
+                raise TraceError("not valid UTF-8", path=path, row=number) from None
             if not isinstance(record, dict):
                 raise TraceError("not a JSON object", path=path, row=number)
             records.append(record)
