@@ -121,6 +121,45 @@ def synth(workload: str, out: str, memory: int, vcpus: int, seed: int,
                f"({human_bytes(os.path.getsize(out))})")
 
 
+@cli.command("import")
+@click.argument("logs", nargs=-1, required=True, metavar="LOG...")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
+              help="Trace file to write (.parquet is streamed; .arrow/.feather, .jsonl and .csv "
+                   "are built in memory).")
+@click.option("--from", "fmt", type=click.Choice(["ftrace", "qemu"]), default=None,
+              help="Log format: ftrace (ftrace text, trace-cmd report, perf script) or qemu "
+                   "(-trace log). Default: detected per file.")
+@click.option("--platform", type=PLATFORM, default=None,
+              help="Platform of the recorded guest (default: snp).")
+@click.option("--memslot", "memslots", multiple=True, metavar="GPA:SIZE[:gmem]",
+              help="A memslot to add when the log registers none (repeatable); `:gmem` gives it "
+                   "a guest_memfd. Default: one guest_memfd slot over the GPAs the log touches.")
+@click.option("--initial-attributes", type=click.Choice(["private", "shared"]),
+              default="private", show_default=True,
+              help="Attributes of a guest_memfd slot at creation (QEMU marks them private).")
+@click.option("--shared-bit", type=click.Choice(["47", "51"]), default="47", show_default=True,
+              help="TDX: the GPA bit of a shared access (51 with 5-level EPT).")
+def import_cmd(logs: tuple[str, ...], out: str, fmt: str | None, platform: str | None,
+               memslots: tuple[str, ...], initial_attributes: str, shared_bit: str) -> None:
+    """Convert recordings (kvm tracepoints as text, or a QEMU -trace log) into a trace OUT.
+
+    Logs are read as a stream, in the order given. Guest demands (faults, page-state changes,
+    MapGPA) become events; exits and attribute changes the host made in reply are kept as
+    recorded counts in the trace's metadata, which the replay report carries (`recorded`)
+    beside the model's. Lines that cannot be used are counted by reason; exit 3 only when no
+    line is usable.
+    """
+    from upmtrace.trace.importers import Options, import_logs, parse_memslot
+    from upmtrace.trace.importers.summary import render
+    from upmtrace.trace.schema import Platform
+
+    options = Options(fmt=fmt, platform=Platform(platform or "snp"),
+                      memslots=tuple(parse_memslot(m) for m in memslots),
+                      initial_private=initial_attributes == "private",
+                      shared_bit=int(shared_bit))
+    click.echo(render(import_logs(logs, out, options)), nl=False)
+
+
 # --- replay commands (replay, compare, policies) ------------------------------------------
 
 
