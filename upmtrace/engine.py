@@ -141,10 +141,14 @@ class Engine:
         self.m.set_attributes(g0, g0 + (row[4] >> PAGE_SHIFT), bool(row[5]))
 
     def npf(self, row: Row) -> None:
+        self.count["npf.recorded"] += 1
+        self.fault(row[3] >> PAGE_SHIFT, bool(row[5]))
+
+    def fault(self, gfn: int, private: bool) -> None:
+        """A nested page fault on gfn, the access private or not (SPEC.md section 5, npf)."""
         m, count = self.m, self.count
-        gfn = row[3] >> PAGE_SHIFT
-        count["npf.recorded"] += 1
-        private = m.attrs.is_private(gfn) if self.platform is Platform.SW else bool(row[5])
+        if self.platform is Platform.SW:
+            private = m.attrs.is_private(gfn)
         block, bit = gfn >> 9, 1 << (gfn & 511)
         if m.maps.maps(block, bit, private):
             count["npf.avoided"] += 1
@@ -238,7 +242,9 @@ class Engine:
         gpa, size = row[3], row[4]
         g0, g1 = gpa >> PAGE_SHIFT, (gpa + size + PAGE_SIZE - 1) >> PAGE_SHIFT
         count["host_access.pages"] += g1 - g0
-        for slot in m.slots.overlapping(g0, g1):
+        slot = m.slots.find(g0)
+        slots = [slot] if slot is not None and g1 <= slot.end else m.slots.overlapping(g0, g1)
+        for slot in slots:
             for gfn in range(max(g0, slot.start), min(g1, slot.end)):
                 block, bit = gfn >> 9, 1 << (gfn & 511)
                 if m.attrs.is_private(gfn):
@@ -325,8 +331,13 @@ def iter_rows(table: pa.Table, batch_rows: int = BATCH_ROWS) -> Iterator[Row]:
 
 def replay(trace, policy: Policy | None = None, *, platform: str | None = None,
            costs: dict[str, int] | None = None, paranoid: bool = False,
-           batch_rows: int = BATCH_ROWS, timeline: Timeline | None = None) -> Result:
-    """Replay a Trace (or a bare SCHEMA table) under a policy; returns the section 6 report."""
+           batch_rows: int = BATCH_ROWS, timeline: Timeline | None = None,
+           reference: bool = False) -> Result:
+    """Replay a Trace (or a bare SCHEMA table) under a policy; returns the section 6 report.
+
+    The batch path (upmtrace.fast) is used unless `reference` or `paranoid` asks for the
+    row-by-row reference loop; both give the same report.
+    """
     policy = policy or PRESETS["eager"]
     if isinstance(trace, pa.Table):
         table, info, recorded = trace, {"path": None, "sha256": None}, None
@@ -337,7 +348,12 @@ def replay(trace, policy: Policy | None = None, *, platform: str | None = None,
         info = {"path": trace.path, "sha256": trace.sha256}
     info = {**info, "events": table.num_rows, "platform": plat.value}
     engine = Engine(policy, plat, paranoid=paranoid, timeline=timeline)
-    engine.run(iter_rows(table, batch_rows))
+    if reference or paranoid:
+        engine.run(iter_rows(table, batch_rows))
+    else:
+        from upmtrace.fast import run_batches
+
+        run_batches(engine, table.select(list(COLS)).to_batches(max_chunksize=batch_rows))
     return Result(engine.report(info, recorded, costs))
 
 

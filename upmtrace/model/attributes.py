@@ -8,11 +8,23 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 
+import numpy as np
+
 
 class AttributeMap:
     def __init__(self) -> None:
         self._starts: list[int] = []
         self._ends: list[int] = []
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+
+    def lookup(self, gfns: np.ndarray) -> np.ndarray:
+        """is_private for an array of gfns at once."""
+        if self._arrays is None:
+            self._arrays = (np.asarray(self._starts, dtype=np.int64),
+                            np.asarray(self._ends, dtype=np.int64))
+        starts, ends = self._arrays
+        i = np.searchsorted(starts, gfns, side="right") - 1
+        return (i >= 0) & (gfns < ends[np.maximum(i, 0)] if len(ends) else False)
 
     def is_private(self, gfn: int) -> bool:
         i = bisect_right(self._starts, gfn) - 1
@@ -78,6 +90,7 @@ class AttributeMap:
             new_s, new_e = [merged_s], [merged_e]
         starts[lo:hi] = new_s
         ends[lo:hi] = new_e
+        self._arrays = None
 
     def private_pages(self) -> int:
         return sum(e - s for s, e in zip(self._starts, self._ends, strict=True))

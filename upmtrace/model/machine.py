@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter, deque
 
 from upmtrace.model.attributes import AttributeMap
-from upmtrace.model.bits import BLOCK_PAGES_SHIFT, FULL, blocks_in, iter_bits
+from upmtrace.model.bits import BLOCK_PAGES_SHIFT, FULL, block_spans, blocks_in, iter_bits
 from upmtrace.model.directmap import DirectMap
 from upmtrace.model.mappings import Mappings
 from upmtrace.model.memslots import Memslots, Slot
@@ -235,6 +235,27 @@ class Machine:
             self.maps.map_small(block, bit, private)
             self.count["mappings.4k"] += 1
 
+    def map_small_many(self, block: int, mask: int, private: bool, slot: Slot) -> None:
+        """Map the gfns of mask at 4 KiB, as map_gfn would one by one once the block's level is
+        known to be 4 KiB and its RMP entry is not 2 MiB (the batch path's bulk case)."""
+        pool = self.pools[private]
+        if (self._page_size_2m(private, slot) and slot.holds_block(block)
+                and pool.folio(block) is Folio.NONE):
+            new, whole = pool.add_folio(block), True
+        else:
+            new, whole = pool.add(block, mask), False
+        self._allocated(private, block, new)
+        if private and self.snp:
+            if self.inplace:
+                if self.rmp.make_private_4k(block, mask):
+                    self.directmap.on_rmp_update(block, True, False,
+                                                 self.rmp.private_bitmap(block))
+            elif new:
+                self._rmp_private_alloc(block, new, whole)
+        side = self.maps.small[private]
+        side[block] = side.get(block, 0) | mask
+        self.count["mappings.4k"] += mask.bit_count()
+
     def _rmp_private_alloc(self, block: int, new: int, whole: bool) -> None:
         if whole and not self.rmp.private_bitmap(block):
             self.rmp.make_private_2m(block)
@@ -243,14 +264,26 @@ class Machine:
             self.directmap.on_rmp_update(block, True, False, self.rmp.private_bitmap(block))
 
     def prefault(self, g0: int, g1: int, private: bool) -> None:
-        """KVM_PRE_FAULT_MEMORY over the range: map every page that lies in a usable memslot."""
+        """KVM_PRE_FAULT_MEMORY over the range: map every page that lies in a usable memslot.
+
+        Page by page in address order, a block at a time: the first unmapped page settles the
+        block's level (and may PSMASH and zap the block); the pages after it that are then
+        unmapped are mapped at 4 KiB together, exactly as one map_gfn call each would.
+        """
         for slot in self.slots.overlapping(g0, g1):
             if private and not slot.gmem:
                 continue
-            for gfn in range(max(g0, slot.start), min(g1, slot.end)):
-                block, bit = gfn >> BLOCK_PAGES_SHIFT, 1 << (gfn & (BLOCK_MASK))
-                if not self.maps.maps(block, bit, private):
-                    self.map_gfn(gfn, private, slot)
+            for block, mask in block_spans(max(g0, slot.start), min(g1, slot.end)):
+                todo = mask & ~self.maps.mapped_bitmap(block)[private]
+                if not todo:
+                    continue
+                first = (todo & -todo).bit_length() - 1
+                self.map_gfn((block << BLOCK_PAGES_SHIFT) + first, private, slot)
+                if self.maps.huge.get(block) == private:
+                    continue
+                rest = mask & ~((2 << first) - 1) & ~self.maps.mapped_bitmap(block)[private]
+                if rest:
+                    self.map_small_many(block, rest, private, slot)
 
     # --- measurements -------------------------------------------------------------------------
 

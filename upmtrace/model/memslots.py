@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from intervaltree import IntervalTree
 
 from upmtrace.model.bits import BLOCK_PAGES_SHIFT
@@ -26,6 +27,20 @@ class Memslots:
         self._tree = IntervalTree()
         self._by_id: dict[int, Slot] = {}
         self._last: Slot | None = None
+        self._arrays: tuple[list[Slot], np.ndarray, np.ndarray] | None = None
+
+    def lookup(self, gfns: np.ndarray) -> tuple[list[Slot], np.ndarray]:
+        """(slots by start, index into it per gfn or -1) for an array of gfns."""
+        if self._arrays is None:
+            slots = sorted(self._by_id.values(), key=lambda s: s.start)
+            self._arrays = (slots, np.asarray([s.start for s in slots], dtype=np.int64),
+                            np.asarray([s.end for s in slots], dtype=np.int64))
+        slots, starts, ends = self._arrays
+        i = np.searchsorted(starts, gfns, side="right") - 1
+        if not slots:
+            return slots, i
+        inside = (i >= 0) & (gfns < ends[np.maximum(i, 0)])
+        return slots, np.where(inside, i, -1)
 
     def __iter__(self):
         return iter(sorted(self._by_id.values(), key=lambda s: s.start))
@@ -38,12 +53,14 @@ class Memslots:
             raise ValueError(f"memslot {slot.id} overlaps a live memslot")
         self._tree.addi(slot.start, slot.end, slot)
         self._by_id[slot.id] = slot
+        self._arrays = None
 
     def remove(self, slot_id: int) -> Slot | None:
         slot = self._by_id.pop(slot_id, None)
         if slot is not None:
             self._tree.removei(slot.start, slot.end, slot)
             self._last = None
+            self._arrays = None
         return slot
 
     def find(self, gfn: int) -> Slot | None:

@@ -1,0 +1,83 @@
+"""The batch path (upmtrace.fast) and the row-by-row reference give identical reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scenario import K, M, attrs, host, memslot, npf, psc, table
+from test_engine_properties import policies, valid_slots
+
+import upmtrace.fast
+from upmtrace.engine import replay
+from upmtrace.policy import PRESETS
+from upmtrace.timeline import Timeline
+from upmtrace.trace.io import read_trace
+from upmtrace.trace.synth import WORKLOADS, synthesize
+
+SAMPLES = sorted(Path(__file__).parent.parent.joinpath("traces").glob("*.parquet"))
+
+gfn = st.integers(0, 4 * M // (4 * K) - 1)
+fault_run = st.lists(st.builds(lambda g, p: npf(g * 4 * K + 8, p), gfn, st.booleans()),
+                     min_size=1, max_size=60)
+page_sweep = st.builds(lambda start, n, p: [npf((start + i) * 4 * K, p) for i in range(n)],
+                       gfn, st.integers(1, 700), st.booleans())
+other = st.one_of(
+    st.builds(attrs, gfn.map(lambda g: g * 4 * K), st.integers(1, 600).map(lambda n: n * 4 * K),
+              st.booleans()),
+    st.builds(lambda g, n, op: [psc(g * 4 * K, n * 4 * K, op, req=9)], gfn, st.integers(1, 8),
+              st.sampled_from(["private", "shared"])),
+    st.builds(lambda b, op: [psc(b * 2 * M, 2 * M, op, req=5)], st.integers(0, 1),
+              st.sampled_from(["private", "shared", "psmash"])),
+    st.builds(host, gfn.map(lambda g: g * 4 * K), st.integers(1, 4).map(lambda n: n * 4 * K)),
+    st.builds(memslot, st.integers(0, 2), st.integers(0, 2).map(lambda b: b * 2 * M),
+              st.integers(0, 3).map(lambda n: n * M), st.booleans()),
+)
+slot_rows = st.lists(st.builds(lambda s, start, n, gmem: memslot(s, start * M, n * M, gmem),
+                               st.integers(0, 2), st.integers(0, 3), st.integers(1, 4),
+                               st.booleans()), min_size=1, max_size=2)
+
+
+def flatten(parts):
+    rows = []
+    for part in parts:
+        rows.extend(part if isinstance(part, list) else [part])
+    return rows
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(slot_rows, st.lists(st.one_of(fault_run, page_sweep, other), max_size=12), policies,
+       st.sampled_from(["snp", "tdx", "sw"]), st.integers(1, 5), st.integers(1, 9))
+def test_batch_path_matches_reference(monkeypatch_module, slots, parts, policy, platform,
+                                      min_run, chunk):
+    monkeypatch_module.setattr(upmtrace.fast, "MIN_RUN", min_run)
+    monkeypatch_module.setattr(upmtrace.fast, "CHUNK", chunk * 64)
+    t = table(*valid_slots([*slots, attrs(0, 8 * M), *flatten(parts)]))
+    ref = replay(t, policy, platform=platform, reference=True).to_json()
+    assert replay(t, policy, platform=platform, batch_rows=97).to_json() == ref
+    assert replay(t, policy, platform=platform).to_json() == ref
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.mark.parametrize("workload", sorted(WORKLOADS))
+def test_every_workload_under_every_preset(workload):
+    """The shipped samples' workloads, synthesised at 256 MiB to keep the suite quick."""
+    synth = synthesize(workload, memory=256 * M, vcpus=2, seed=1, platform=None)
+    for policy in PRESETS.values():
+        ref = replay(synth.table, policy, platform=synth.platform, reference=True).to_json()
+        assert replay(synth.table, policy, platform=synth.platform).to_json() == ref, policy.name
+
+
+def test_timeline_is_the_same_on_both_paths():
+    trace = read_trace(SAMPLES[0])
+    a, b = Timeline.over(trace.table, 50), Timeline.over(trace.table, 50)
+    replay(trace, PRESETS["lazy"], timeline=a, reference=True)
+    replay(trace, PRESETS["lazy"], timeline=b)
+    assert a.samples == b.samples and len(a.samples) > 10

@@ -1,0 +1,185 @@
+"""The batch path: the engine's model, with long runs of nested page faults taken a block at a time.
+
+A run of consecutive npf rows changes the machine in a narrow way: a fault whose privacy matches
+the attribute only maps (and allocates) in its own 2 MiB block, and memory only grows. Such
+faults are grouped by (block, privacy): the first new gfn of a group is mapped by the reference
+code, which settles the block's mapping level; if that is 2 MiB the rest are avoided, else the
+rest are mapped at 4 KiB with one bitmap operation. Faults that convert (privacy != attribute),
+and blocks where a mapping could PSMASH and zap the block, go through the reference code row by
+row, in order. tests/test_fast_path.py checks that both paths give byte-identical reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from upmtrace.engine import COLS, Engine, column_list
+from upmtrace.model.bits import FULL
+from upmtrace.model.pool import Folio
+from upmtrace.trace.schema import PAGE_SHIFT, PAGES_PER_BLOCK, Platform
+
+MIN_RUN = 64  # shorter npf runs are not worth the numpy set-up
+CHUNK = 8192  # rows per vectorised step; bounds the cost of re-checking after a conversion
+
+
+def run_batches(engine: Engine, batches: Iterable[pa.RecordBatch]) -> None:
+    for batch in batches:
+        run_batch(engine, batch)
+    engine.finish()
+
+
+def feed_rows(engine: Engine, batch: pa.RecordBatch) -> None:
+    for row in batch_rows(batch):
+        engine.feed(row)
+
+
+def batch_rows(batch: pa.RecordBatch) -> list[tuple]:
+    names = batch.schema.names
+    columns = [column_list(batch.column(names.index(name)), name) for name in COLS]
+    return list(zip(*columns, strict=True))
+
+
+def run_batch(engine: Engine, batch: pa.RecordBatch) -> None:
+    names = batch.schema.names
+    kind = batch.column(names.index("kind"))
+    words = kind.dictionary.to_pylist()
+    if "npf" not in words or engine.paranoid:
+        return feed_rows(engine, batch)
+    is_npf = kind.indices.to_numpy(zero_copy_only=False) == words.index("npf")
+    edges = np.flatnonzero(np.diff(is_npf.view(np.int8))) + 1
+    starts, ends = np.r_[0, edges], np.r_[edges, len(is_npf)]
+    long = is_npf[starts] & (ends - starts >= MIN_RUN)
+    if not long.any():
+        return feed_rows(engine, batch)
+    fast = np.repeat(long, ends - starts)
+    slow_rows = iter(batch_rows(batch.take(pa.array(np.flatnonzero(~fast)))))
+    ts = batch.column(names.index("ts")).to_numpy()
+    gfn = (batch.column(names.index("gpa")).fill_null(0).to_numpy().astype(np.int64)
+           >> PAGE_SHIFT)
+    private = batch.column(names.index("private")).fill_null(False).to_numpy(
+        zero_copy_only=False)
+    for s, e, is_fast in zip(starts.tolist(), ends.tolist(), long.tolist(), strict=True):
+        if is_fast:
+            npf_run(engine, ts[s:e], gfn[s:e], private[s:e])
+        else:
+            for _ in range(e - s):
+                engine.feed(next(slow_rows))
+
+
+def npf_run(engine: Engine, ts: np.ndarray, gfn: np.ndarray, private: np.ndarray) -> None:
+    engine.flush()  # an npf row ends the PSC request being gathered
+    i, n = 0, len(gfn)
+    while i < n:
+        if ts[i] > engine.due:
+            engine.sample()  # at most one sample before a row, as Engine.feed does
+        j = min(n, i + CHUNK)
+        if engine.timeline is not None:
+            j = max(i + 1, min(j, int(np.searchsorted(ts, engine.due, side="right"))))
+        Chunk(engine, gfn[i:j], private[i:j]).run()
+        engine.ts = int(ts[j - 1])
+        engine.events += j - i
+        engine.event_done()
+        i = j
+
+
+class Chunk:
+    """Up to CHUNK consecutive npf rows."""
+
+    def __init__(self, engine: Engine, gfn: np.ndarray, private: np.ndarray) -> None:
+        self.engine, self.m, self.count = engine, engine.m, engine.count
+        self.gfn, self.private = gfn, private
+
+    def run(self) -> None:
+        m, count, gfn = self.m, self.count, self.gfn
+        count["npf.recorded"] += len(gfn)
+        private = m.attrs.lookup(gfn) if self.engine.platform is Platform.SW else self.private
+        slots, index = m.slots.lookup(gfn)
+        gmem = np.array([s.gmem for s in slots] + [False])[index]  # index -1: no slot
+        usable = (index >= 0) & (gmem | ~private)
+        mismatch = usable & (private != m.attrs.lookup(gfn))
+        if np.count_nonzero(mismatch) > len(gfn) // 16:
+            for g, p in zip(gfn.tolist(), private.tolist(), strict=True):
+                self.engine.fault(g, p)  # conversions everywhere: row by row
+                self.engine.event_done()
+            return
+        unresolvable = int(np.count_nonzero(~usable & private))
+        mmio = int(np.count_nonzero(~usable & ~private))
+        count["exits.vm.npf"] += unresolvable + mmio
+        count["exits.userspace.KVM_EXIT_MEMORY_FAULT"] += unresolvable
+        count["npf.unresolvable"] += unresolvable
+        count["npf.mmio"] += mmio
+        rows = np.flatnonzero(usable)
+        g, p, idx, mis = gfn[rows], private[rows], index[rows], mismatch[rows]
+        start = 0
+        while True:
+            pending = np.flatnonzero(mis[start:])
+            if not len(pending):
+                break
+            k = start + int(pending[0])
+            self.clean(g[start:k], p[start:k], idx[start:k], slots)
+            self.engine.event_done()  # memory may shrink next: take the peak first
+            gk, pk = int(g[k]), bool(p[k])
+            self.engine.fault(gk, pk)
+            later = np.flatnonzero(g[k + 1:] == gk) + k + 1
+            mis[later] = p[later] != pk  # the attribute of gk is now pk
+            self.engine.event_done()
+            start = k + 1
+        self.clean(g[start:], p[start:], idx[start:], slots)
+
+    def clean(self, g: np.ndarray, p: np.ndarray, idx: np.ndarray, slots: list) -> None:
+        """Faults whose privacy matches the attribute, in usable slots: grouped per block."""
+        if not len(g):
+            return
+        key = (g >> 9 << 1) | p
+        order = np.argsort(key, kind="stable")
+        sorted_key = key[order]
+        bounds = np.flatnonzero(sorted_key[1:] != sorted_key[:-1]) + 1
+        groups = [order[a:b] for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(g)],
+                                              strict=True)]
+        risky = {int(g[rows[0]]) >> 9 for rows in groups if self.risky(g, p, idx, rows, slots)}
+        slow: list[np.ndarray] = []
+        for rows in groups:
+            block = int(g[rows[0]]) >> 9
+            if block in risky or idx[rows].min() != idx[rows].max():
+                slow.append(rows)
+            else:
+                self.group(block, bool(p[rows[0]]), g[rows] & (PAGES_PER_BLOCK - 1),
+                           slots[int(idx[rows[0]])])
+        if slow:
+            for r in np.sort(np.concatenate(slow)).tolist():
+                self.engine.fault(int(g[r]), bool(p[r]))
+
+    def risky(self, g, p, idx, rows, slots) -> bool:
+        """Could mapping in this block PSMASH the RMP entry and zap the whole block?"""
+        m = self.m
+        if not (p[rows[0]] and m.snp and not m.inplace and m.policy.gmem_page == "2m"):
+            return False
+        block = int(g[rows[0]]) >> 9
+        base = block * PAGES_PER_BLOCK
+        if m.attrs.is_uniform(base, base + PAGES_PER_BLOCK, True):
+            return False
+        return block in m.rmp.huge or (m.pools[True].folio(block) is Folio.NONE
+                                       and slots[int(idx[rows[0]])].holds_block(block))
+
+    def group(self, block: int, private: bool, offsets: np.ndarray, slot) -> None:
+        m, count = self.m, self.count
+        seen = np.zeros(PAGES_PER_BLOCK, dtype=bool)
+        seen[offsets] = True
+        wanted = int.from_bytes(np.packbits(seen, bitorder="little").tobytes(), "little")
+        new = wanted & ~m.maps.mapped_bitmap(block)[private]
+        if not new:
+            count["npf.avoided"] += len(offsets)
+            return
+        first = next(o for o in offsets.tolist() if new >> o & 1)
+        count["exits.vm.npf"] += 1
+        m.map_gfn(block * PAGES_PER_BLOCK + first, private, slot)
+        rest = new & ~(1 << first) & FULL
+        faults = 1
+        if rest and m.maps.huge.get(block) != private:
+            faults += rest.bit_count()
+            count["exits.vm.npf"] += rest.bit_count()
+            m.map_small_many(block, rest, private, slot)
+        count["npf.avoided"] += len(offsets) - faults
