@@ -211,6 +211,7 @@ def replay(trace: str, policy_spec: str, overrides: tuple[str, ...], costs_file:
     from upmtrace.costs import load_costs
     from upmtrace.engine import replay as run
     from upmtrace.policy import load_policy, parse_overrides
+    from upmtrace.progress import progress, tracked
     from upmtrace.report import RENDERERS
     from upmtrace.timeline import Timeline, check_path
     from upmtrace.trace.io import read_trace
@@ -220,8 +221,10 @@ def replay(trace: str, policy_spec: str, overrides: tuple[str, ...], costs_file:
     if timeline:
         check_path(timeline)
     loaded = read_trace(trace, platform=platform)
-    sampler = Timeline.over(loaded.table, timeline_rows) if timeline else None
-    result = run(loaded, policy, costs=costs, paranoid=paranoid, timeline=sampler)
+    sampler = Timeline.over(loaded, timeline_rows) if timeline else None
+    with progress(loaded.events) as advance:
+        result = run(tracked(loaded, advance), policy, costs=costs, paranoid=paranoid,
+                     timeline=sampler)
     if sampler:
         sampler.write(timeline)
     emit(RENDERERS[fmt](result, width()), output)
@@ -255,10 +258,11 @@ def compare(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...
     The trace is read once; the policies replay in parallel processes. --set applies to every
     policy. In the table the lowest value of each row is marked with `*`.
     """
-    from upmtrace.compare import check_policies
+    from upmtrace.compare import check_policies, default_workers
     from upmtrace.compare import compare as run
     from upmtrace.costs import load_costs
     from upmtrace.policy import load_policy, parse_overrides
+    from upmtrace.progress import progress, tracked
     from upmtrace.report.compare import RENDERERS
     from upmtrace.trace.io import read_trace
 
@@ -266,8 +270,60 @@ def compare(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...
     policies = [load_policy(spec, knobs) for spec in policy_specs]
     check_policies(policies)
     costs = load_costs(costs_file) if costs_file else None
-    comparison = run(read_trace(trace), policies, platform=platform, costs=costs)
+    loaded = read_trace(trace)
+    in_process = default_workers(len(policies), loaded.events) == 1
+    with progress(loaded.events * len(policies) if in_process else 0) as advance:
+        comparison = run(tracked(loaded, advance), policies, platform=platform, costs=costs)
     emit(RENDERERS[fmt](comparison, width()), output)
+
+
+@cli.command()
+@click.argument("trace", metavar="TRACE")
+@click.option("--policy", "policy_specs", multiple=True, required=True,
+              help="A preset or a TOML file of knobs (repeatable); one colour each.")
+@policy_options
+@click.option("--platform", type=PLATFORM, default=None,
+              help="Override the trace's platform (default: its metadata, else snp).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Image to write (atomically): .png or .svg.")
+@click.option("--timeline-rows", type=click.IntRange(2), default=1000, show_default=True,
+              help="Samples per curve.")
+def plot(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...],
+         costs_file: str | None, platform: str | None, output: str, timeline_rows: int) -> None:
+    """Draw memory, exits and estimated cost over TRACE's time, one curve per policy.
+
+    Three panels share the time axis: resident and duplicate memory, cumulative exits, and the
+    cumulative estimated cost, so that what a policy saves and what it pays show side by side.
+    """
+    from upmtrace.atomic import write_atomic
+    from upmtrace.costs import load_costs
+    from upmtrace.engine import replay as run
+    from upmtrace.errors import UsageError
+    from upmtrace.policy import load_policy, parse_overrides
+    from upmtrace.progress import progress, tracked
+    from upmtrace.report.plot import Series, format_of, render
+    from upmtrace.timeline import Timeline
+    from upmtrace.trace.io import read_trace
+
+    fmt = format_of(output)
+    knobs = parse_overrides(overrides)
+    policies = [load_policy(spec, knobs) for spec in policy_specs]
+    names = [p.name for p in policies]
+    if len(set(names)) < len(names):
+        raise UsageError(f"policy {next(n for n in names if names.count(n) > 1)!r} given twice")
+    costs = load_costs(costs_file) if costs_file else None
+    loaded = read_trace(trace, platform=platform)
+    series = []
+    with progress(loaded.events * len(policies)) as advance:
+        for policy in policies:
+            sampler = Timeline.over(loaded, timeline_rows)
+            result = run(tracked(loaded, advance), policy, costs=costs, timeline=sampler)
+            series.append(Series(policy.name, sampler.table(), result.report))
+    r = series[0].report["trace"]
+    title = f"{trace}: {r['events']:,} events, platform {r['platform']}"
+    image = render(series, fmt, title=title, costs=costs)
+    write_atomic(output, lambda f: f.write(image))
+    click.echo(f"wrote {output} ({', '.join(names)})")
 
 
 @cli.command()
@@ -321,6 +377,183 @@ def check(ctx: click.Context, trace: str, baseline: str, policy_spec: str | None
                    f"{float(written.tolerance):g}%")
         return
     outcome = gate.check(trace, request)
+    click.echo(RENDERERS["table"](outcome, width()), nl=False)
+    if junit:
+        write_text(junit, RENDERERS["junit"](outcome, width()))
+    ctx.exit(1 if outcome.regressions else 0)
+
+
+# --- fleet (run, check) --------------------------------------------------------------------
+
+
+class DefaultGroup(click.Group):
+    """A group whose arguments go to its `run` command unless they begin with a command name."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+def fleet_options(f):
+    """TRACES..., --platform, -o and the executor options, shared by `fleet run`/`fleet check`."""
+    for option in reversed((
+        click.argument("traces", nargs=-1, required=True, metavar="TRACES..."),
+        click.option("--platform", type=PLATFORM, default=None,
+                     help="Override every trace's platform (default: each trace's metadata)."),
+        click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+                     help="Write the results table (one row per pair) to FILE.parquet."),
+        click.option("--executor", type=click.Choice(["local", "dask"]), default=None,
+                     help="local: a process pool (the default); dask: a Dask cluster "
+                          "(needs pip install 'upmtrace[dask]')."),
+        click.option("--scheduler", metavar="ADDRESS", default=None,
+                     help="Join the Dask cluster at ADDRESS (tcp://host:8786) instead of "
+                          "starting a LocalCluster; implies --executor dask."),
+        click.option("--workers", type=click.IntRange(1), default=None,
+                     help="Local processes, or LocalCluster workers (default: one per core)."),
+    )):
+        f = option(f)
+    return f
+
+
+def _fleet_setup(traces, output, executor, scheduler, workers):
+    """(trace paths, executor), every option checked before anything is replayed."""
+    from upmtrace import fleet as lib
+
+    runner = lib.make_executor(executor or ("dask" if scheduler else "local"),
+                               scheduler=scheduler, workers=workers)
+    if output:
+        lib.check_output(output)
+    return lib.find_traces(traces, exclude=[output] if output else []), runner
+
+
+class Progress:
+    """`done/total pairs` on stderr, redrawn as rows arrive, when stderr is a terminal."""
+
+    def __init__(self, total: int | None) -> None:
+        self.total, self.done, self.failed = total, 0, 0
+        self.shown = sys.stderr.isatty()
+
+    def __call__(self, row: dict) -> None:
+        self.done += 1
+        self.failed += row["error"] is not None
+        if self.shown:
+            of = f"/{self.total}" if self.total else ""
+            click.echo(f"\r{self.done}{of} pairs replayed, {self.failed} failed", err=True,
+                       nl=False)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.shown and self.done:
+            click.echo(err=True)
+
+
+@cli.group(cls=DefaultGroup)
+def fleet() -> None:
+    """Replay many traces under several policies, on a process pool or a Dask cluster.
+
+    `upmtrace fleet TRACES... --policy A [--policy B]` is short for `upmtrace fleet run ...`;
+    `upmtrace fleet check TRACES... --baseline FILE` is the CI gate on the fleet's totals.
+    """
+
+
+@fleet.command("run")
+@click.option("--policy", "policy_specs", multiple=True, required=True,
+              help="A preset or a TOML file of knobs (repeatable); deltas are against the first.")
+@policy_options
+@fleet_options
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True, help="Summary format; json is upmtrace.fleet.v1.")
+@click.pass_context
+def fleet_run(ctx: click.Context, policy_specs: tuple[str, ...], overrides: tuple[str, ...],
+              costs_file: str | None, traces: tuple[str, ...], platform: str | None,
+              output: str | None, executor: str | None, scheduler: str | None,
+              workers: int | None, fmt: str) -> None:
+    """Replay every (trace, policy) pair once; summarize each policy over the fleet.
+
+    TRACES are trace files, globs (quoted) or folders (every *.parquet, *.arrow, *.feather,
+    *.jsonl, *.csv in it). Workers read the traces themselves. Exit 3 if any pair failed (the
+    summary lists it), else 0.
+    """
+    from upmtrace import fleet as lib
+    from upmtrace.costs import load_costs
+    from upmtrace.policy import load_policy, parse_overrides
+    from upmtrace.report.fleet import RENDERERS
+
+    knobs = parse_overrides(overrides)
+    policies = tuple(load_policy(spec, knobs) for spec in policy_specs)
+    lib.check_policies(policies)
+    costs = load_costs(costs_file) if costs_file else None
+    paths, runner = _fleet_setup(traces, output, executor, scheduler, workers)
+    request = lib.Fleet(tuple(paths), policies, platform, costs)
+    with Progress(len(request.pairs())) as progress:
+        table = lib.run(request, runner, on_row=progress)
+    if output:
+        lib.write_results(table, output)
+    summary = lib.summarize(table, policies, output)
+    click.echo(RENDERERS[fmt](summary, width()), nl=False)
+    ctx.exit(3 if summary.failures else 0)
+
+
+@fleet.command("check")
+@click.option("--baseline", required=True, type=click.Path(dir_okay=False),
+              help="The fleet baseline JSON file (written by --update).")
+@click.option("--policy", "policy_specs", multiple=True,
+              help="Policies to check, each one of the baseline's (default: all of them).")
+@policy_options
+@fleet_options
+@click.option("--tolerance", type=click.FloatRange(min=0), default=None, metavar="PCT",
+              help="Allowed growth of a total in percent (default: the baseline's, else 0).")
+@click.option("--metric", "metrics", multiple=True, metavar="KEY",
+              help="A total to guard, or a section such as `memory` (repeatable; default: "
+                   "the baseline's, else every key under `exits`).")
+@click.option("--allow-trace-change", is_flag=True,
+              help="Accept traces whose sha256 set differs from the baseline's.")
+@click.option("--update", is_flag=True, help="Replay and (re)write the baseline.")
+@click.option("--junit", type=click.Path(dir_okay=False), default=None,
+              help="Also write a JUnit XML file: one testcase per policy and guarded total.")
+@click.pass_context
+def fleet_check(ctx: click.Context, baseline: str, policy_specs: tuple[str, ...],
+                overrides: tuple[str, ...], costs_file: str | None, traces: tuple[str, ...],
+                platform: str | None, output: str | None, executor: str | None,
+                scheduler: str | None, workers: int | None, tolerance: float | None,
+                metrics: tuple[str, ...], allow_trace_change: bool, update: bool,
+                junit: str | None) -> None:
+    """CI gate: exit 1 when a guarded fleet total of a policy grew beyond the tolerance.
+
+    Totals are sums over the fleet's traces, per policy. Exit 0 when nothing regressed, 1 on a
+    regression, 3 when a pair failed, the baseline is missing or broken, or the traces' sha256s
+    differ from the baseline's (unless --allow-trace-change).
+    """
+    from fractions import Fraction
+
+    from upmtrace import fleet_gate as gate
+    from upmtrace.atomic import write_text
+    from upmtrace.costs import load_costs
+    from upmtrace.fleet import write_results
+    from upmtrace.policy import parse_overrides
+    from upmtrace.report.check import RENDERERS
+
+    request = gate.Request(
+        baseline, policy_specs, parse_overrides(overrides),
+        load_costs(costs_file) if costs_file else None, platform,
+        None if tolerance is None else Fraction(str(tolerance)), metrics, allow_trace_change)
+    paths, runner = _fleet_setup(traces, output, executor, scheduler, workers)
+    if update:
+        with Progress(None) as progress:
+            written, table = gate.update(paths, request, runner, progress)
+        if output:
+            write_results(table, output)
+        click.echo(f"wrote {baseline}: {len(written.traces)} traces, policies "
+                   f"{', '.join(p.name for p in written.policies)}, {len(written.metrics)} "
+                   f"guarded totals each, tolerance {float(written.tolerance):g}%")
+        return
+    with Progress(None) as progress:
+        outcome, table = gate.check(paths, request, runner, progress)
+    if output:
+        write_results(table, output)
     click.echo(RENDERERS["table"](outcome, width()), nl=False)
     if junit:
         write_text(junit, RENDERERS["junit"](outcome, width()))

@@ -70,7 +70,7 @@ def compare(trace, policies: list[Policy], *, platform: str | None = None,
 
 
 def _events(trace) -> int:
-    return trace.num_rows if isinstance(trace, pa.Table) else trace.table.num_rows
+    return trace.num_rows if isinstance(trace, pa.Table) else trace.events
 
 
 def check_policies(policies: list[Policy]) -> None:

@@ -322,11 +322,17 @@ def column_list(column: pa.ChunkedArray | pa.Array, name: str) -> list:
     return column.to_numpy(zero_copy_only=False).tolist()
 
 
+def batch_rows_of(batch: pa.RecordBatch) -> Iterator[Row]:
+    """A record batch's rows as tuples in COLS order."""
+    names = batch.schema.names
+    columns = [column_list(batch.column(names.index(name)), name) for name in COLS]
+    return zip(*columns, strict=True)
+
+
 def iter_rows(table: pa.Table, batch_rows: int = BATCH_ROWS) -> Iterator[Row]:
     """Rows as tuples, one record batch of Python lists at a time."""
-    for batch in table.select(list(COLS)).to_batches(max_chunksize=batch_rows):
-        columns = [column_list(batch.column(i), name) for i, name in enumerate(COLS)]
-        yield from zip(*columns, strict=True)
+    for batch in table.to_batches(max_chunksize=batch_rows):
+        yield from batch_rows_of(batch)
 
 
 def replay(trace, policy: Policy | None = None, *, platform: str | None = None,
@@ -340,20 +346,21 @@ def replay(trace, policy: Policy | None = None, *, platform: str | None = None,
     """
     policy = policy or PRESETS["eager"]
     if isinstance(trace, pa.Table):
-        table, info, recorded = trace, {"path": None, "sha256": None}, None
+        batches = trace.select(list(COLS)).to_batches(max_chunksize=batch_rows)
+        info, recorded = {"path": None, "sha256": None, "events": trace.num_rows}, None
         plat = Platform(platform or "snp")
     else:
-        table, recorded = trace.table, trace.recorded
+        batches, recorded = trace.batches(batch_rows), trace.recorded
         plat = Platform(platform or trace.platform)
-        info = {"path": trace.path, "sha256": trace.sha256}
-    info = {**info, "events": table.num_rows, "platform": plat.value}
+        info = {"path": trace.path, "sha256": trace.sha256, "events": trace.events}
+    info["platform"] = plat.value
     engine = Engine(policy, plat, paranoid=paranoid, timeline=timeline)
     if reference or paranoid:
-        engine.run(iter_rows(table, batch_rows))
+        engine.run(row for batch in batches for row in batch_rows_of(batch))
     else:
         from upmtrace.fast import run_batches
 
-        run_batches(engine, table.select(list(COLS)).to_batches(max_chunksize=batch_rows))
+        run_batches(engine, batches)
     return Result(engine.report(info, recorded, costs))
 
 

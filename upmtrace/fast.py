@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import numpy as np
 import pyarrow as pa
 
-from upmtrace.engine import COLS, Engine, column_list
+from upmtrace.engine import Engine, batch_rows_of
 from upmtrace.model.bits import FULL
 from upmtrace.model.pool import Folio
 from upmtrace.trace.schema import PAGE_SHIFT, PAGES_PER_BLOCK, Platform
@@ -32,14 +32,8 @@ def run_batches(engine: Engine, batches: Iterable[pa.RecordBatch]) -> None:
 
 
 def feed_rows(engine: Engine, batch: pa.RecordBatch) -> None:
-    for row in batch_rows(batch):
+    for row in batch_rows_of(batch):
         engine.feed(row)
-
-
-def batch_rows(batch: pa.RecordBatch) -> list[tuple]:
-    names = batch.schema.names
-    columns = [column_list(batch.column(names.index(name)), name) for name in COLS]
-    return list(zip(*columns, strict=True))
 
 
 def run_batch(engine: Engine, batch: pa.RecordBatch) -> None:
@@ -55,7 +49,7 @@ def run_batch(engine: Engine, batch: pa.RecordBatch) -> None:
     if not long.any():
         return feed_rows(engine, batch)
     fast = np.repeat(long, ends - starts)
-    slow_rows = iter(batch_rows(batch.take(pa.array(np.flatnonzero(~fast)))))
+    slow_rows = batch_rows_of(batch.take(pa.array(np.flatnonzero(~fast))))
     ts = batch.column(names.index("ts")).to_numpy()
     gfn = (batch.column(names.index("gpa")).fill_null(0).to_numpy().astype(np.int64)
            >> PAGE_SHIFT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -12,8 +13,13 @@ from upmtrace.errors import UsageError
 
 EXIT_KEYS = ("exits.vm.npf", "exits.vm.vmgexit", "exits.vm.tdvmcall", "exits.vm.vmcall",
              "exits.userspace.KVM_EXIT_MEMORY_FAULT", "exits.userspace.KVM_EXIT_HYPERCALL")
+# cumulative counters the engine keeps in its Counter, and the ones only the machine's RMP and
+# direct map hold (null when the engine does not hand the machine to sample())
+COUNT_KEYS = ("memory.pages_allocated", "memory.pages_freed", "conversions.set_attributes_calls",
+              "mappings.4k", "mappings.2m")
+MACHINE_KEYS = ("rmp.updates_4k", "rmp.updates_2m", "rmp.psmash", "directmap.restores")
 COLUMNS = ("ts", "events", "shared_bytes", "private_bytes", "duplicate_bytes", "resident_bytes",
-           *EXIT_KEYS, "directmap.splits")
+           *EXIT_KEYS, "directmap.splits", *COUNT_KEYS, *MACHINE_KEYS)
 
 
 class Timeline:
@@ -26,20 +32,23 @@ class Timeline:
         self.samples: list[tuple[int, ...]] = []
 
     @classmethod
-    def over(cls, table: pa.Table, rows: int = 1000) -> Timeline:
-        """A timeline spanning the trace's ts range."""
-        if not table.num_rows:
-            return cls(0, 0, rows)
-        ts = table.column("ts")
-        return cls(pc.min(ts).as_py(), pc.max(ts).as_py(), rows)
+    def over(cls, trace, rows: int = 1000) -> Timeline:
+        """A timeline spanning the ts range of a Trace (or a bare table)."""
+        if isinstance(trace, pa.Table):
+            if not trace.num_rows:
+                return cls(0, 0, rows)
+            ts = trace.column("ts")
+            return cls(pc.min(ts).as_py(), pc.max(ts).as_py(), rows)
+        return cls(*trace.ts_span(), rows)
 
     def sample(self, ts: int, events: int, memory: tuple[int, int, int], counts, splits: int,
-               final: bool = False) -> None:
+               final: bool = False, machine=None) -> None:
         if final and self.samples and self.samples[-1][1] == events:
             return
         shared, private, duplicate = (pages * 4096 for pages in memory)
         self.samples.append((ts, events, shared, private, duplicate, shared + private,
-                             *(counts[k] for k in EXIT_KEYS), splits))
+                             *(counts[k] for k in EXIT_KEYS), splits,
+                             *(counts[k] for k in COUNT_KEYS), *machine_counts(machine)))
         self.next = ts - (ts - self.first) % self.step + self.step
 
     def table(self) -> pa.Table:
@@ -54,6 +63,26 @@ class Timeline:
             write_atomic(path, lambda f: pq.write_table(table, f, compression="zstd"))
         else:
             write_atomic(path, lambda f: pacsv.write_csv(table, f))
+
+
+def machine_counts(machine) -> tuple[int | None, ...]:
+    """The MACHINE_KEYS of a model.machine.Machine; nulls without one."""
+    if machine is None:
+        return (None,) * len(MACHINE_KEYS)
+    rmp = machine.rmp
+    return rmp.updates_4k, rmp.updates_2m, rmp.psmash, machine.directmap.restores
+
+
+def counters(table: pa.Table) -> dict[str, np.ndarray]:
+    """A timeline's cumulative counters by report key (exit totals included), one value per
+    sample; columns that were not sampled (all null) are left out."""
+    found = {name: table.column(name) for name in COLUMNS[6:] if name in table.column_names}
+    out = {name: col.to_numpy().astype(np.int64) for name, col in found.items()
+           if not col.null_count}
+    for level in ("vm", "userspace"):
+        keys = [k for k in EXIT_KEYS if k.startswith(f"exits.{level}.")]
+        out[f"exits.{level}_total"] = sum(out[k] for k in keys)
+    return out
 
 
 def check_path(path: str) -> None:

@@ -32,11 +32,14 @@ _SEARCH_CHUNK = 1 << 16
 class Rows:
     """Maps a table index to the row number a user sees (1-based, or a JSONL line number)."""
 
-    def __init__(self, numbers: np.ndarray | None = None) -> None:
+    def __init__(self, numbers: np.ndarray | None = None, offset: int = 0) -> None:
         self.numbers = numbers
+        self.offset = offset  # rows before this table (a streamed batch)
 
     def __call__(self, index: int) -> int:
-        return int(self.numbers[index]) if self.numbers is not None else index + 1
+        if self.numbers is not None:
+            return int(self.numbers[index])
+        return self.offset + index + 1
 
 
 def conform(table: pa.Table, *, path: str | None = None, rows: Rows | None = None,

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,27 +33,72 @@ from upmtrace.trace.schema import (
     SCHEMA,
     Platform,
 )
-from upmtrace.trace.validate import validate
+from upmtrace.trace.validate import Carry, validate
 
 ARROW_ERRORS = (pa.ArrowException, OSError, ValueError)
 _JSONL_BATCH = 1 << 20
 _BLANK = np.array([ord(c) for c in " \t\r\n"], dtype=np.uint8)
 
 
+STREAM_ROWS = 4_000_000  # Parquet traces longer than this are read batch by batch
+
+
 @dataclass(frozen=True)
 class Trace:
-    """A validated trace: the table on SCHEMA, its metadata and the sha256 of its file."""
+    """A trace: its metadata, the sha256 of its file, and its events as SCHEMA record batches.
+
+    Short traces are read, type-checked and validated whole by read_trace. A long Parquet trace
+    is checked as far as its schema at once, and its rows batch by batch as they are replayed
+    (`batches()`), so that replay memory does not grow with the trace; a bad row still ends the
+    run with the same one-line error, before any output is written.
+    """
 
     path: str
-    table: pa.Table
     platform: Platform
     source: str | None
     recorded: dict | None
     sha256: str
+    events: int
+    loaded: pa.Table | None = None  # the whole table, when read at once
 
     @property
-    def events(self) -> int:
-        return self.table.num_rows
+    def table(self) -> pa.Table:
+        """All events as one table (reads a streamed trace whole: for short traces)."""
+        if self.loaded is not None:
+            return self.loaded
+        return pa.Table.from_batches(list(self.batches()), schema=SCHEMA)
+
+    def batches(self, rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+        """The events in order, as validated SCHEMA record batches of at most `rows` rows."""
+        if self.loaded is not None:
+            yield from self.loaded.to_batches(max_chunksize=rows)
+            return
+        carry, offset = Carry(), 0
+        try:
+            for raw in pq.ParquetFile(self.path).iter_batches(batch_size=rows):
+                numbers = Rows(offset=offset)
+                table = conform(pa.Table.from_batches([raw]), path=self.path, rows=numbers)
+                validate(table, path=self.path, rows=numbers, carry=carry)
+                offset += table.num_rows
+                yield from table.to_batches()
+        except ARROW_ERRORS as err:
+            raise TraceError(f"not a readable Parquet file ({_one_line(err)})",
+                             path=self.path) from None
+
+    def ts_span(self) -> tuple[int, int]:
+        """(first ts, last ts); ts never decreases, so these are the ends of the trace."""
+        if not self.events:
+            return 0, 0
+        if self.loaded is not None:
+            ts = self.loaded.column("ts")
+            return ts[0].as_py(), ts[-1].as_py()
+        meta = pq.ParquetFile(self.path).metadata
+        first = meta.row_group(0).column(0).statistics
+        last = meta.row_group(meta.num_row_groups - 1).column(0).statistics
+        if first is not None and last is not None and first.has_min_max and last.has_min_max:
+            return int(first.min), int(last.max)
+        ts = pq.read_table(self.path, columns=["ts"]).column("ts")
+        return ts[0].as_py(), ts[-1].as_py()
 
 
 @dataclass(frozen=True)
@@ -72,18 +117,35 @@ class Loaded:
 def read_trace(path: str | os.PathLike, *, platform: str | None = None) -> Trace:
     """Read, type-check and validate a trace; `platform` overrides the file's metadata."""
     path = str(path)
-    reader = READERS[_format_of(path)]
+    fmt = _format_of(path)
     digest = _sha256(path)
-    loaded = reader(path)
-    try:
-        table = conform(loaded.table, path=path, rows=loaded.rows, text=loaded.text)
-        validate(table, path=path, rows=loaded.rows)
-    except (pa.ArrowException, UnicodeError) as err:  # a file pyarrow read but cannot handle
-        raise TraceError(f"cannot read ({_one_line(err)})", path=path) from err
-    meta = _parse_metadata(loaded.metadata or {}, path)
+    if fmt == "parquet" and (streamed := _open_parquet_streamed(path)) is not None:
+        table, metadata = None, streamed.schema_arrow.metadata
+        events = streamed.metadata.num_rows
+    else:
+        loaded = READERS[fmt](path)
+        try:
+            table = conform(loaded.table, path=path, rows=loaded.rows, text=loaded.text)
+            validate(table, path=path, rows=loaded.rows)
+        except (pa.ArrowException, UnicodeError) as err:  # pyarrow read it but cannot handle it
+            raise TraceError(f"cannot read ({_one_line(err)})", path=path) from err
+        metadata, events = loaded.metadata, table.num_rows
+    meta = _parse_metadata(metadata or {}, path)
     chosen = _platform(platform) if platform is not None else meta["platform"]
-    return Trace(path=path, table=table, platform=chosen, source=meta["source"],
-                 recorded=meta["recorded"], sha256=digest)
+    return Trace(path=path, platform=chosen, source=meta["source"], recorded=meta["recorded"],
+                 sha256=digest, events=events, loaded=table)
+
+
+def _open_parquet_streamed(path: str) -> pq.ParquetFile | None:
+    """The file, if it is long enough to stream; its schema is checked here, its rows later."""
+    try:
+        file = pq.ParquetFile(path)
+    except ARROW_ERRORS:
+        return None  # the whole-file reader reports it
+    if file.metadata.num_rows <= STREAM_ROWS:
+        return None
+    conform(file.schema_arrow.empty_table(), path=path)  # names and type families
+    return file
 
 
 def _format_of(path: str) -> str:

@@ -7,7 +7,7 @@ earliest index wins, and on one row the rule listed first wins.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -34,8 +34,10 @@ class Problem:
 class Columns:
     """numpy views of a SCHEMA table: values (nulls filled) and null masks."""
 
-    def __init__(self, table: pa.Table) -> None:
+    def __init__(self, table: pa.Table, carry: Carry) -> None:
         self.table = table
+        self.carry = carry
+        self.live = dict(carry.live)  # memslots live after this table (set by the overlap rule)
         self._values: dict[str, np.ndarray] = {}
         self._nulls: dict[str, np.ndarray] = {}
         self.kind = self.codes("kind")
@@ -71,14 +73,29 @@ class Columns:
 Rule = Callable[[Columns], Problem | None]
 
 
-def validate(table: pa.Table, *, path: str | None = None, rows: Rows | None = None) -> None:
-    """Raise TraceError for the earliest row of a SCHEMA table that breaks SPEC.md section 2."""
-    cols = Columns(table)
+@dataclass
+class Carry:
+    """What validation of a streamed trace carries from one batch to the next."""
+
+    last_ts: int | None = None
+    live: dict[int, tuple[int, int]] = field(default_factory=dict)  # memslot -> [gpa, end)
+
+
+def validate(table: pa.Table, *, path: str | None = None, rows: Rows | None = None,
+             carry: Carry | None = None) -> None:
+    """Raise TraceError for the earliest row of a SCHEMA table that breaks SPEC.md section 2.
+
+    A trace read in batches passes the same `carry` with each batch, in order.
+    """
+    cols = Columns(table, carry or Carry())
     problems = [p for rule in RULES if (p := rule(cols)) is not None]
     if problems:
         first = min(problems, key=lambda p: p.index)  # min keeps the earlier rule on a tie
         rows = rows or Rows()
         raise TraceError(first.message, path=path, row=rows(first.index), column=first.column)
+    if carry is not None and table.num_rows:
+        carry.last_ts = int(cols.values("ts")[-1])
+        carry.live = cols.live
 
 
 def _first(mask: np.ndarray) -> int | None:
@@ -170,6 +187,9 @@ def _gpa_limit(cols: Columns) -> Problem | None:
 
 def _ts_order(cols: Columns) -> Problem | None:
     ts = cols.values("ts")
+    last = cols.carry.last_ts
+    if last is not None and len(ts) and ts[0] < last:
+        return Problem(0, "ts", f"ts {ts[0]} goes backwards (previous event at {last})")
     i = _first(ts[1:] < ts[:-1])
     if i is None:
         return None
@@ -182,7 +202,7 @@ def _memslot_overlap(cols: Columns) -> Problem | None:
     if len(indices) == 0:
         return None
     part = cols.table.take(pa.array(indices)).select(["slot", "gpa", "size"]).to_pylist()
-    live: dict[int, tuple[int, int]] = {}
+    live = cols.live
     for index, row in zip(indices.tolist(), part, strict=True):
         slot, gpa, size = row["slot"], row["gpa"], row["size"]
         if slot is None or gpa is None or size is None:
