@@ -1,4 +1,4 @@
-"""Golden files for the compare and check renderers, at a fixed width of 100 columns.
+"""Golden files for the replay, compare and check renderers, at fixed widths (100; replay also 80).
 
 A renderer change shows up as a diff of tests/golden/*. To accept it, regenerate on purpose and
 review the diff:  UPDATE_GOLDEN=1 pytest tests/test_report_golden.py
@@ -15,10 +15,12 @@ from scenario import table
 from test_cli_compare import ROWS
 
 from upmtrace.compare import compare
+from upmtrace.engine import Result, replay
 from upmtrace.gate import Outcome, Verdict, status
 from upmtrace.policy import PRESETS
 from upmtrace.report import check as check_report
 from upmtrace.report import compare as compare_report
+from upmtrace.report import table as replay_report
 
 GOLDEN = Path(__file__).parent / "golden"
 WIDTH = 100
@@ -35,6 +37,16 @@ def assert_golden(name: str, text: str) -> None:
 @pytest.fixture(scope="module")
 def comparison():
     return compare(table(*ROWS), [PRESETS["eager"], PRESETS["lazy"]], workers=1)
+
+
+@pytest.fixture(scope="module")
+def replayed():
+    """A lazy replay, with recorded counts as an imported trace carries them."""
+    report = replay(table(*ROWS), PRESETS["lazy"]).report
+    recorded = {"exits": {"userspace": {"KVM_EXIT_HYPERCALL": 2},
+                          "vm": {"npf": 4, "vmgexit": 2, "vmcall": 1}}}
+    trace = {**report["trace"], "path": "dma.parquet"}
+    return Result({**report, "trace": trace, "recorded": recorded})
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +76,13 @@ def test_check_table(outcome):
 
 def test_check_junit(outcome):
     assert_golden("check_junit.xml", check_report.render_junit(outcome, WIDTH))
+
+
+@pytest.mark.parametrize("width", [100, 80])
+def test_replay_table(replayed, width):
+    assert_golden(f"replay_table_{width}.txt", replay_report.render(replayed, width))
+
+
+def test_replay_table_without_recorded_counts(replayed):
+    plain = Result({**replayed.report, "recorded": {}})
+    assert_golden("replay_table_plain_80.txt", replay_report.render(plain, 80))
