@@ -44,10 +44,11 @@ def valid_slots(rows):
     kept = []
     for row in rows:
         if row["kind"] == "memslot":
-            live.pop(row["slot"], None)
             lo, hi = row["gpa"], row["gpa"] + row["size"]
-            if row["size"] and any(lo < e and s < hi for s, e in live.values()):
-                continue
+            others = [span for slot, span in live.items() if slot != row["slot"]]
+            if row["size"] and any(lo < e and s < hi for s, e in others):
+                continue  # dropped whole: the slot it would have moved stays where it is
+            live.pop(row["slot"], None)
             if row["size"]:
                 live[row["slot"]] = (lo, hi)
         kept.append(row)

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from upmtrace.costs import default_costs, estimate
+from upmtrace.model.bits import block_spans
 from upmtrace.model.machine import PRIVATE, SHARED, Machine
 from upmtrace.policy import PRESETS, Policy
 from upmtrace.timeline import Timeline
@@ -110,7 +111,7 @@ class Engine:
         """A timeline row for the state after every event fed so far (pending PSC excepted)."""
         timeline = self.timeline
         timeline.sample(self.ts, self.events - len(self.request), self.m.memory_pages(),
-                        self.count, self.m.directmap.splits, final)
+                        self.count, self.m.directmap.splits, final, machine=self.m)
         self.due = timeline.next
 
     def event_done(self, _: None = None) -> None:
@@ -245,14 +246,15 @@ class Engine:
         slot = m.slots.find(g0)
         slots = [slot] if slot is not None and g1 <= slot.end else m.slots.overlapping(g0, g1)
         for slot in slots:
-            for gfn in range(max(g0, slot.start), min(g1, slot.end)):
-                block, bit = gfn >> 9, 1 << (gfn & 511)
-                if m.attrs.is_private(gfn):
-                    if m.inplace:
-                        count["host_access.faults"] += 1
-                        continue
-                    count["host_access.stale"] += 1
-                m.populate(SHARED, block, bit)
+            for block, mask in block_spans(max(g0, slot.start), min(g1, slot.end)):
+                private = m.private_bitmap(block, mask)  # pages the guest has taken private
+                if m.inplace:
+                    count["host_access.faults"] += private.bit_count()
+                    mask &= ~private  # the access faults; nothing is populated
+                else:
+                    count["host_access.stale"] += private.bit_count()  # reaches a stale copy
+                if mask:
+                    m.populate(SHARED, block, mask)
 
     # --- the report -------------------------------------------------------------------------
 

@@ -150,7 +150,7 @@ class Machine:
             if split and (side is PRIVATE or self.inplace):
                 self.count["gmem.folio_splits"] += 1
             if self.inplace:
-                private_gone = gone & self._private_bitmap(b, gone)
+                private_gone = gone & self.private_bitmap(b, gone)
                 self.inplace_private -= private_gone.bit_count()
             else:
                 other = self.pools[not side].pages.get(b, 0)
@@ -162,7 +162,7 @@ class Machine:
             if self.snp and (side is PRIVATE or self.inplace):
                 self._rmp_shared(b, gone)
 
-    def _private_bitmap(self, block: int, mask: int) -> int:
+    def private_bitmap(self, block: int, mask: int) -> int:
         """Bitmap of the gfns of mask (in block) whose attribute is private."""
         base = block << BLOCK_PAGES_SHIFT
         bitmap = 0
@@ -183,7 +183,7 @@ class Machine:
         self.count["memory.pages_allocated"] += new.bit_count()
         self.grew = True
         if self.inplace:
-            self.inplace_private += self._private_bitmap(block, new).bit_count()
+            self.inplace_private += self.private_bitmap(block, new).bit_count()
         else:
             self.duplicate += (new & self.pools[not side].pages.get(block, 0)).bit_count()
         seen = self.touched.get(block, 0)
@@ -192,9 +192,9 @@ class Machine:
             self.touched[block] = seen | fresh
             self.touched_pages += fresh.bit_count()
 
-    def populate(self, side: bool, block: int, bit: int) -> None:
-        """A single 4 KiB page (host population): no folio."""
-        self._allocated(side, block, self.pools[side].add(block, bit))
+    def populate(self, side: bool, block: int, mask: int) -> None:
+        """Single 4 KiB pages (host population): no folio."""
+        self._allocated(side, block, self.pools[side].add(block, mask))
 
     def _page_size_2m(self, private: bool, slot: Slot) -> bool:
         pol = self.policy
@@ -308,14 +308,14 @@ class Machine:
             dup = sum((m & private.pages.get(b, 0)).bit_count() for b, m in shared.pages.items())
             assert dup == self.duplicate, f"duplicate {self.duplicate} != {dup}"
         else:
-            priv = sum(self._private_bitmap(b, m).bit_count() for b, m in shared.pages.items())
+            priv = sum(self.private_bitmap(b, m).bit_count() for b, m in shared.pages.items())
             assert priv == self.inplace_private, f"inplace private {self.inplace_private} != {priv}"
         for block in self.maps.blocks():
             m_shared, m_private = self.maps.mapped_bitmap(block)
             for side, bitmap in ((SHARED, m_shared), (PRIVATE, m_private)):
                 backed = self.pools[side].pages.get(block, 0)
                 assert bitmap & ~backed == 0, f"block {block}: mapped but unbacked"
-                priv = self._private_bitmap(block, bitmap)
+                priv = self.private_bitmap(block, bitmap)
                 assert priv == (bitmap if side else 0), f"block {block}: mapping != attribute"
         for gfn, _age in self.stale.items():
             side = not self.attrs.is_private(gfn)
