@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from upmtrace.engine import Engine, batch_rows_of
-from upmtrace.model.bits import FULL
+from upmtrace.model.bits import FULL, block_spans
 from upmtrace.model.pool import Folio
 from upmtrace.trace.schema import PAGE_SHIFT, PAGES_PER_BLOCK, Platform
 
@@ -127,47 +127,68 @@ class Chunk:
         """Faults whose privacy matches the attribute, in usable slots: grouped per block."""
         if not len(g):
             return
+        if self.sweep(g, p, idx, slots):
+            return
         key = (g >> 9 << 1) | p
         order = np.argsort(key, kind="stable")
         sorted_key = key[order]
         bounds = np.flatnonzero(sorted_key[1:] != sorted_key[:-1]) + 1
         groups = [order[a:b] for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(g)],
                                               strict=True)]
-        risky = {int(g[rows[0]]) >> 9 for rows in groups if self.risky(g, p, idx, rows, slots)}
+        risky = {block for rows in groups
+                 if self.risky(block := int(g[rows[0]]) >> 9, bool(p[rows[0]]),
+                               slots[int(idx[rows[0]])])}
         slow: list[np.ndarray] = []
         for rows in groups:
             block = int(g[rows[0]]) >> 9
             if block in risky or idx[rows].min() != idx[rows].max():
                 slow.append(rows)
-            else:
-                self.group(block, bool(p[rows[0]]), g[rows] & (PAGES_PER_BLOCK - 1),
-                           slots[int(idx[rows[0]])])
+                continue
+            offsets = (g[rows] & (PAGES_PER_BLOCK - 1)).tolist()
+            seen = np.zeros(PAGES_PER_BLOCK, dtype=bool)
+            seen[offsets] = True
+            wanted = int.from_bytes(np.packbits(seen, bitorder="little").tobytes(), "little")
+            self.group(block, bool(p[rows[0]]), wanted, len(offsets),
+                       lambda new, offsets=offsets: next(o for o in offsets if new >> o & 1),
+                       slots[int(idx[rows[0]])])
         if slow:
             for r in np.sort(np.concatenate(slow)).tolist():
                 self.engine.fault(int(g[r]), bool(p[r]))
 
-    def risky(self, g, p, idx, rows, slots) -> bool:
+    def sweep(self, g: np.ndarray, p: np.ndarray, idx: np.ndarray, slots: list) -> bool:
+        """The common shape, a guest touching page after page: whole spans per block."""
+        if len(g) < 2 or p.min() != p.max() or idx.min() != idx.max() or g[-1] - g[0] != len(g) - 1:
+            return False
+        if not (np.diff(g) == 1).all():
+            return False
+        private, slot = bool(p[0]), slots[int(idx[0])]
+        spans = list(block_spans(int(g[0]), int(g[-1]) + 1))
+        if any(self.risky(block, private, slot) for block, _ in spans):
+            return False
+        for block, mask in spans:
+            self.group(block, private, mask, mask.bit_count(), lowest_bit, slot)
+        return True
+
+    def risky(self, block: int, private: bool, slot) -> bool:
         """Could mapping in this block PSMASH the RMP entry and zap the whole block?"""
         m = self.m
-        if not (p[rows[0]] and m.snp and not m.inplace and m.policy.gmem_page == "2m"):
+        if not (private and m.snp and not m.inplace and m.policy.gmem_page == "2m"):
             return False
-        block = int(g[rows[0]]) >> 9
         base = block * PAGES_PER_BLOCK
         if m.attrs.is_uniform(base, base + PAGES_PER_BLOCK, True):
             return False
         return block in m.rmp.huge or (m.pools[True].folio(block) is Folio.NONE
-                                       and slots[int(idx[rows[0]])].holds_block(block))
+                                       and slot.holds_block(block))
 
-    def group(self, block: int, private: bool, offsets: np.ndarray, slot) -> None:
+    def group(self, block: int, private: bool, wanted: int, rows: int, first_of, slot) -> None:
+        """`rows` faults on the gfns of `wanted` in one block; first_of(new) is the offset of
+        the earliest of them whose gfn is in the bitmap `new`."""
         m, count = self.m, self.count
-        seen = np.zeros(PAGES_PER_BLOCK, dtype=bool)
-        seen[offsets] = True
-        wanted = int.from_bytes(np.packbits(seen, bitorder="little").tobytes(), "little")
         new = wanted & ~m.maps.mapped_bitmap(block)[private]
         if not new:
-            count["npf.avoided"] += len(offsets)
+            count["npf.avoided"] += rows
             return
-        first = next(o for o in offsets.tolist() if new >> o & 1)
+        first = first_of(new)
         count["exits.vm.npf"] += 1
         m.map_gfn(block * PAGES_PER_BLOCK + first, private, slot)
         rest = new & ~(1 << first) & FULL
@@ -176,4 +197,8 @@ class Chunk:
             faults += rest.bit_count()
             count["exits.vm.npf"] += rest.bit_count()
             m.map_small_many(block, rest, private, slot)
-        count["npf.avoided"] += len(offsets) - faults
+        count["npf.avoided"] += rows - faults
+
+
+def lowest_bit(bitmap: int) -> int:
+    return (bitmap & -bitmap).bit_length() - 1

@@ -201,7 +201,7 @@ def _memslot_overlap(cols: Columns) -> Problem | None:
     indices = np.flatnonzero(cols.kind == CODE[Kind.MEMSLOT])
     if len(indices) == 0:
         return None
-    part = cols.table.take(pa.array(indices)).select(["slot", "gpa", "size"]).to_pylist()
+    part = cols.table.select(["slot", "gpa", "size"]).take(pa.array(indices)).to_pylist()
     live = cols.live
     for index, row in zip(indices.tolist(), part, strict=True):
         slot, gpa, size = row["slot"], row["gpa"], row["size"]
