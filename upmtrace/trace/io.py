@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -40,7 +41,7 @@ _JSONL_BATCH = 1 << 20
 _BLANK = np.array([ord(c) for c in " \t\r\n"], dtype=np.uint8)
 
 
-STREAM_ROWS = 4_000_000  # Parquet traces longer than this are read batch by batch
+STREAM_ROWS = 1_000_000  # Parquet traces longer than this are read batch by batch
 
 
 @dataclass(frozen=True)
@@ -219,33 +220,57 @@ def _read_csv(path: str) -> Loaded:
 
 
 def _read_jsonl(path: str) -> Loaded:
+    """pyarrow's reader when every line is one plain object, else the exact reader below.
+
+    pyarrow would crash on a line holding a bare `null`, count two rows for `{...} {...}` on one
+    line, and turn integers beyond int64 into rounded floats: such files go the exact way.
+    """
+    numbers = _jsonl_object_lines(path)
+    if numbers is None:
+        return _read_jsonl_slowly(path)
     options = pa_json.ParseOptions(unexpected_field_behavior="infer")
     try:
         table = pa_json.read_json(path, parse_options=options)
     except ARROW_ERRORS:
         return _read_jsonl_slowly(path)
-    return Loaded(table, None, Rows(_jsonl_line_numbers(path, table.num_rows)))
+    if table.num_rows != len(numbers) or _rounded(table):
+        return _read_jsonl_slowly(path)
+    plain = len(numbers) == 0 or numbers[-1] == len(numbers)  # no blank line
+    return Loaded(table, None, Rows(None if plain else numbers))
 
 
-def _jsonl_line_numbers(path: str, n: int) -> np.ndarray | None:
-    """Line numbers of the n non-blank lines (pyarrow skips blank ones); None if none is blank."""
+def _jsonl_object_lines(path: str) -> np.ndarray | None:
+    """Line numbers of the non-blank lines, or None if one is not `{...}` (blanks aside)."""
     data = np.memmap(path, dtype=np.uint8, mode="r")
     ends = np.flatnonzero(data == ord("\n"))
     if len(ends) == 0 or ends[-1] != len(data) - 1:
         ends = np.append(ends, len(data))
-    if len(ends) == n:
-        return None
     starts = np.concatenate(([0], ends[:-1] + 1))
-    filled = ends > starts
-    ink = np.add.reduceat(~np.isin(data, _BLANK), starts[filled], dtype=np.int64)
+    last = ends - 1
+    cr = (ends > starts) & (data[np.maximum(last, 0)] == ord("\r"))
+    last -= cr
+    filled = last >= starts
+    plain = np.zeros(len(starts), dtype=bool)
+    plain[filled] = ((data[starts[filled]] == ord("{")) & (data[last[filled]] == ord("}")))
     blank = ~filled
-    blank[filled] = ink == 0
-    numbers = np.flatnonzero(~blank) + 1
-    return numbers[:n]
+    for i in np.flatnonzero(filled & ~plain).tolist():  # blanks around, or not an object
+        text = bytes(data[starts[i]:ends[i]]).strip(bytes(_BLANK))
+        if not text:
+            blank[i] = True
+        elif text[:1] != b"{" or text[-1:] != b"}":
+            return None
+    return np.flatnonzero(~blank) + 1
+
+
+def _rounded(table: pa.Table) -> bool:
+    """Whether pyarrow read an integer column as floats (rounding integers beyond 2^53)."""
+    integer = {field.name for field in SCHEMA if pa.types.is_integer(field.type)}
+    return any(pa.types.is_floating(table.column(name).type)
+               for name in integer & set(table.column_names))
 
 
 def _read_jsonl_slowly(path: str) -> Loaded:
-    """pyarrow refused the file: find the offending line with json, or build the table here."""
+    """Line by line with json: exact integers, and the offending line of a broken file."""
     records, numbers = [], []
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
@@ -253,36 +278,66 @@ def _read_jsonl_slowly(path: str) -> Loaded:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TraceError(f"not valid JSON ({err.msg})", path=path, row=number) from None
             except UnicodeDecodeError:
                 raise TraceError("not valid UTF-8", path=path, row=number) from None
+            except json.JSONDecodeError as err:
+                raise TraceError(f"not valid JSON ({err.msg})", path=path, row=number) from None
+            except (ValueError, RecursionError) as err:  # a 5000-digit number, deep nesting
+                raise TraceError(f"not valid JSON ({_one_line(err).split(';')[0]})", path=path,
+                                 row=number) from None
             if not isinstance(record, dict):
                 raise TraceError("not a JSON object", path=path, row=number)
             records.append(record)
             numbers.append(number)
     rows = Rows(np.asarray(numbers, dtype=np.int64))
-    _check_records(records, path, rows)
+    columns = _record_columns(records, path, rows)
     try:
-        table = pa.Table.from_pylist(records)
+        table = pa.table({name: pa.array(values, _plain_type(SCHEMA.field(name).type))
+                          for name, values in columns.items()}) if records else pa.table({})
     except ARROW_ERRORS as err:
         raise TraceError(f"cannot read ({_one_line(err)})", path=path) from None
     return Loaded(table, None, rows)
 
 
-def _check_records(records: list[dict], path: str, rows: Rows) -> None:
-    """The earliest value of a wrong JSON type, or key that is not a column, as a TraceError."""
-    types = {field.name: field.type for field in SCHEMA}
+def _record_columns(records: list[dict], path: str, rows: Rows) -> dict[str, list]:
+    """The records as columns of exact values; the earliest bad key or value is a TraceError."""
+    types = {field.name: _plain_type(field.type) for field in SCHEMA}
+    names = list(dict.fromkeys(name for record in records for name in record))
+    columns: dict[str, list] = {name: [None] * len(records) for name in names}
     for index, record in enumerate(records):
         for name, value in record.items():
-            if name not in types:
+            target = types.get(name)
+            if target is None:
                 raise TraceError(f"unknown column (known: {', '.join(COLUMNS)})", path=path,
                                  row=rows(index), column=name)
-            if not accepts(value, types[name]):
-                target = types[name]
-                target = target.value_type if pa.types.is_dictionary(target) else target
-                raise TraceError(value_message(name, value, target), path=path,
-                                 row=rows(index), column=name)
+            problem = _json_problem(name, value, target)
+            if problem is not None:
+                raise TraceError(problem, path=path, row=rows(index), column=name)
+            columns[name][index] = int(value) if isinstance(value, float) else value
+    return columns
+
+
+def _json_problem(name: str, value: object, target: pa.DataType) -> str | None:
+    """Why a JSON value cannot be a `target` cell (None if it can)."""
+    if value is None:
+        return None
+    if not accepts(value, target):
+        return value_message(name, value, target)
+    if pa.types.is_integer(target):
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            return value_message(name, value, target)
+        number = int(value)
+        width = target.bit_width
+        low, high = (0, 1 << width) if pa.types.is_unsigned_integer(target) \
+            else (-(1 << (width - 1)), 1 << (width - 1))
+        if not low <= number < high:
+            return value_message(name, value, target)
+    elif isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate escape such as \ud800
+            return f"{name} is not valid UTF-8"
+    return None
 
 
 def _parse_metadata(raw: dict[bytes, bytes], path: str) -> dict:
