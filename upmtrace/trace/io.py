@@ -202,6 +202,7 @@ def _read_arrow(path: str) -> Loaded:
             except pa.ArrowInvalid:
                 source.seek(0)
                 table = pa.ipc.open_stream(source).read_all()
+        table.validate()  # lengths and buffer sizes: IPC reading trusts what the file says
     except ARROW_ERRORS as err:
         raise TraceError(f"not a readable Arrow IPC file ({_one_line(err)})",
                          path=path) from None
