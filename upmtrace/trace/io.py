@@ -360,11 +360,25 @@ def _recorded(text: str | None, path: str) -> dict | None:
         return None
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, a 5000-digit number, deep nesting
         value = None
     if not isinstance(value, dict):
         raise TraceError(f"{META_RECORDED} is not a JSON object", path=path)
+    if (bad := _not_a_count(value)) is not None:
+        raise TraceError(f"{META_RECORDED}: {bad[0]} is {_one_line(json.dumps(bad[1]))}, "
+                         "not a count (an integer >= 0) or an object of counts", path=path)
     return value
+
+
+def _not_a_count(tree: dict, prefix: str = "") -> tuple[str, object] | None:
+    """The first (dotted key, value) of the recorded tree whose leaf is not a count."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            if (bad := _not_a_count(value, f"{prefix}{key}.")) is not None:
+                return bad
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"{prefix}{key}", value
+    return None
 
 
 # --- writing --------------------------------------------------------------------------------
