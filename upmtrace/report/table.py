@@ -31,7 +31,7 @@ def exits_table(report: dict) -> Table:
     exits = report["exits"]
     total = exits["userspace_total"] + exits["vm_total"]
     costs = report["cost"]["by_category"]
-    recorded = report.get("recorded", {}).get("exits", {})
+    recorded = branch(branch(report, "recorded"), "exits")
     t = Table(title="Exits", title_justify="left")
     t.add_column("VM-EXIT", no_wrap=True)
     for col in ("Samples", "Samples%", "Est. time"):
@@ -43,12 +43,12 @@ def exits_table(report: dict) -> Table:
         level_total = exits[f"{level}_total"]
         per_exit = costs[EXIT_COST[level]] / level_total if level_total else 0
         for reason, n in exits[level].items():
-            seen = recorded.get(level, {}).get(reason)
+            seen = count(branch(recorded, level).get(reason))
             if level == "vm" and not n and not seen:
                 continue  # another platform's exit (perf kvm stat lists only those it saw)
             share = f"{100 * n / total:.2f}%" if total else "-"
             t.add_row(reason, f"{n:,}", share, ns(n * per_exit),
-                      *versus(n, recorded.get(level, {}).get(reason), bool(recorded)))
+                      *versus(n, seen, bool(recorded)))
     t.add_row("Total Samples", f"{total:,}", "100.00%" if total else "-",
               ns(costs["vm_exit"] + costs["userspace_exit"]),
               *versus(total, recorded_total(recorded), bool(recorded)), style="bold")
@@ -64,10 +64,20 @@ def versus(model: int, recorded: int | None, shown: bool) -> tuple[str, ...]:
 
 
 def recorded_total(recorded: dict) -> int | None:
-    levels = [recorded.get(level) for level in ("vm", "userspace")]
+    levels = [branch(recorded, level) for level in ("vm", "userspace")]
     if not any(levels):
         return None
-    return sum(v for level in levels if level for v in level.values() if isinstance(v, int))
+    return sum(v for level in levels for v in level.values() if count(v) is not None)
+
+
+def branch(node: dict, key: str) -> dict:
+    """node[key] if it is an object, else {} (recorded counts come from the trace's file)."""
+    value = node.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def count(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def pairs_table(title: str, rows: list[tuple[str, str]]) -> Table:
