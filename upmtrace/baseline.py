@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -19,6 +20,7 @@ from upmtrace.engine import SCHEMA_ID as REPORT_SCHEMA
 from upmtrace.engine import Result
 from upmtrace.errors import InputError
 from upmtrace.policy import Policy, PolicyError
+from upmtrace.trace.schema import Platform
 
 SCHEMA_ID = "upmtrace.baseline.v1"
 
@@ -64,11 +66,28 @@ def read_baseline(path: str | Path) -> Baseline:
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"cannot read baseline: {err}", path=str(path)) from None
     try:
-        return parse_baseline(json.loads(text), str(path))
+        return parse_baseline(loads(text), str(path))
     except json.JSONDecodeError as err:
         raise InputError(f"baseline is not JSON: {err}", path=str(path)) from None
+    except (ValueError, RecursionError) as err:  # a 5000-digit number, deep nesting
+        raise InputError(f"baseline is not JSON: {str(err).split(';')[0]}",
+                         path=str(path)) from None
     except InputError as err:
         raise InputError(str(err), path=str(path)) from None
+
+
+def loads(text: str) -> Any:
+    """json.loads without NaN, Infinity or numbers that overflow to infinity."""
+    def finite(literal: str) -> float:
+        value = float(literal)
+        if not math.isfinite(value):
+            raise InputError(f"baseline is not JSON: {literal} is not a finite number")
+        return value
+
+    def constant(name: str) -> float:
+        raise InputError(f"baseline is not JSON: {name} is not a number")
+
+    return json.loads(text, parse_float=finite, parse_constant=constant)
 
 
 def parse_baseline(doc: Any, path: str | None = None) -> Baseline:
@@ -81,7 +100,7 @@ def parse_baseline(doc: Any, path: str | None = None) -> Baseline:
     if (not isinstance(metrics, list) or not metrics
             or not all(isinstance(m, str) for m in metrics)):
         raise InputError("guard.metrics must be a non-empty list of report keys")
-    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or tolerance < 0:
+    if not _percentage(tolerance):
         raise InputError("guard.tolerance must be a percentage >= 0")
     if report.get("schema") != REPORT_SCHEMA:
         raise InputError(f"baseline report: expected schema {REPORT_SCHEMA!r}")
@@ -89,4 +108,19 @@ def parse_baseline(doc: Any, path: str | None = None) -> Baseline:
     if (not isinstance(trace, dict) or not isinstance(policy, dict)
             or not {"sha256", "platform"} <= trace.keys() or "name" not in policy):
         raise InputError("baseline report lacks trace.sha256, trace.platform or policy.name")
+    if not isinstance(trace["sha256"], str) or trace["platform"] not in list(Platform):
+        raise InputError(f"baseline report: trace.sha256 must be a string and trace.platform "
+                         f"one of {', '.join(Platform)}")
+    if not isinstance(policy["name"], str) or not policy["name"]:
+        raise InputError("baseline report: policy.name must be a non-empty string")
     return Baseline(tuple(metrics), Fraction(str(tolerance)), Result(report), path)
+
+
+def _percentage(value: Any) -> bool:
+    """A number >= 0 that is finite as a float (the reports print it as one)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
