@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import traceback
 
@@ -31,6 +32,21 @@ class SizeType(click.ParamType):
 
     def convert(self, value, param, ctx):
         return value if isinstance(value, int) else parse_size(value)
+
+
+class Percentage(click.FloatRange):
+    """A percentage: a finite float >= 0 (FloatRange lets nan and inf through)."""
+
+    name = "PCT"
+
+    def __init__(self) -> None:
+        super().__init__(min=0)
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 class Group(click.Group):
@@ -336,7 +352,7 @@ def plot(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...],
 @policy_options
 @click.option("--platform", type=PLATFORM, default=None,
               help="Override the trace's platform (default: its metadata, else snp).")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=None, metavar="PCT",
+@click.option("--tolerance", type=Percentage(), default=None, metavar="PCT",
               help="Allowed growth in percent (default: the baseline's, else 0).")
 @click.option("--metric", "metrics", multiple=True, metavar="KEY",
               help="A report key to guard, or a section such as `memory` (repeatable; "
@@ -504,7 +520,7 @@ def fleet_run(ctx: click.Context, policy_specs: tuple[str, ...], overrides: tupl
               help="Policies to check, each one of the baseline's (default: all of them).")
 @policy_options
 @fleet_options
-@click.option("--tolerance", type=click.FloatRange(min=0), default=None, metavar="PCT",
+@click.option("--tolerance", type=Percentage(), default=None, metavar="PCT",
               help="Allowed growth of a total in percent (default: the baseline's, else 0).")
 @click.option("--metric", "metrics", multiple=True, metavar="KEY",
               help="A total to guard, or a section such as `memory` (repeatable; default: "
