@@ -45,22 +45,34 @@ def run_batch(engine: Engine, batch: pa.RecordBatch) -> None:
     is_npf = kind.indices.to_numpy(zero_copy_only=False) == words.index("npf")
     edges = np.flatnonzero(np.diff(is_npf.view(np.int8))) + 1
     starts, ends = np.r_[0, edges], np.r_[edges, len(is_npf)]
-    long = is_npf[starts] & (ends - starts >= MIN_RUN)
-    if not long.any():
-        return feed_rows(engine, batch)
-    fast = np.repeat(long, ends - starts)
-    slow_rows = batch_rows_of(batch.take(pa.array(np.flatnonzero(~fast))))
+    npf_starts = is_npf[starts]
+    other_rows = batch_rows_of(batch.take(pa.array(np.flatnonzero(~is_npf))))
     ts = batch.column(names.index("ts")).to_numpy()
     gfn = (batch.column(names.index("gpa")).fill_null(0).to_numpy().astype(np.int64)
            >> PAGE_SHIFT)
     private = batch.column(names.index("private")).fill_null(False).to_numpy(
         zero_copy_only=False)
-    for s, e, is_fast in zip(starts.tolist(), ends.tolist(), long.tolist(), strict=True):
-        if is_fast:
+    for s, e, npf in zip(starts.tolist(), ends.tolist(), npf_starts.tolist(), strict=True):
+        if not npf:
+            for _ in range(e - s):
+                engine.feed(next(other_rows))
+        elif e - s >= MIN_RUN:
             npf_run(engine, ts[s:e], gfn[s:e], private[s:e])
         else:
-            for _ in range(e - s):
-                engine.feed(next(slow_rows))
+            short_npf_run(engine, ts[s:e].tolist(), gfn[s:e].tolist(), private[s:e].tolist())
+
+
+def short_npf_run(engine: Engine, ts: list[int], gfn: list[int], private: list[bool]) -> None:
+    """A few npf rows, one by one as Engine.feed would, without building their row tuples."""
+    engine.flush()
+    engine.count["npf.recorded"] += len(gfn)
+    for t, g, p in zip(ts, gfn, private, strict=True):
+        if t > engine.due:
+            engine.sample()
+        engine.ts = t
+        engine.events += 1
+        engine.fault(g, p)
+        engine.event_done()
 
 
 def npf_run(engine: Engine, ts: np.ndarray, gfn: np.ndarray, private: np.ndarray) -> None:
