@@ -25,6 +25,7 @@ from upmtrace.trace.importers.common import (
     SlotSpec,
     Tally,
     feed,
+    lines_of,
     open_log,
 )
 from upmtrace.trace.importers.writer import header, metadata, write_output
@@ -89,11 +90,11 @@ def detect(path: str) -> str | None:
     """The format of the first line that belongs to one, within DETECT_LINES lines."""
     with open_log(path) as f:
         try:
-            for number, text in enumerate(f):
+            for number, text in enumerate(lines_of(f)):
                 if number >= DETECT_LINES:
                     break
                 for name, looks_like in DETECTORS.items():
-                    if looks_like(text):
+                    if text is not None and looks_like(text):
                         return name
         except READ_ERRORS:
             pass

@@ -14,7 +14,7 @@ import lzma
 import os
 import zlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Literal, Protocol
 
@@ -41,6 +41,9 @@ COMMENT = "comment or header line"
 UNRECOGNISED = "unrecognised line"
 TRUNCATED = "truncated last line (no newline at end of file)"
 UNREADABLE = "unreadable rest of file"
+OUT_OF_RANGE = "line with a number or date out of range"
+OVERLONG = "line longer than 1 MiB"
+LINE_LIMIT = 1 << 20  # characters; a longer line is skipped without being held whole
 
 
 def not_imported(event: str) -> str:
@@ -270,17 +273,37 @@ class Parser(Protocol):
         """Emit anything held back across lines."""
 
 
-def feed(lines: Iterable[str], parser: Parser, tally: Tally) -> None:
+def lines_of(f: IO[str] | Iterable[str]) -> Iterator[str | None]:
+    """The lines of a log; None for a line longer than LINE_LIMIT (read past, never held)."""
+    if not hasattr(f, "readline"):
+        yield from f
+        return
+    while text := f.readline(LINE_LIMIT):
+        if len(text) == LINE_LIMIT and text[-1] != "\n":
+            while (rest := f.readline(LINE_LIMIT)) and rest[-1] != "\n":
+                pass
+            yield None
+        else:
+            yield text
+
+
+def feed(lines: IO[str] | Iterable[str], parser: Parser, tally: Tally) -> None:
     """Feed a file's lines to a parser, counting skipped ones by reason."""
     handle, skipped = parser.line, tally.skipped
     n = 0
     try:
-        for text in lines:
+        for text in lines_of(lines):
             n += 1
+            if text is None:
+                skipped[OVERLONG] += 1
+                continue
             if text[-1:] != "\n":
                 skipped[TRUNCATED] += 1  # every format ends its lines: this one was cut
                 continue
-            reason = handle(text[:-1])
+            try:
+                reason = handle(text[:-1])
+            except (ValueError, OverflowError):  # 5000-digit numbers, month 99: no log has them
+                reason = OUT_OF_RANGE
             if reason is not None:
                 skipped[reason] += 1
     except READ_ERRORS:
