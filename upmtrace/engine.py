@@ -24,7 +24,7 @@ from upmtrace.trace.schema import (
 )
 
 SCHEMA_ID = "upmtrace.report.v1"
-BATCH_ROWS = 65_536
+BATCH_ROWS = 262_144
 Row = tuple  # (ts, kind, vcpu, gpa, size, private, write, slot, gmem, req, op, agent)
 COLS = ("ts", "kind", "vcpu", "gpa", "size", "private", "write", "slot", "gmem", "req", "op",
         "agent")
