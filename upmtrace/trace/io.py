@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from upmtrace.errors import TraceError, UpmtraceError, UsageError
+from upmtrace.atomic import write_atomic
+from upmtrace.errors import TraceError, UsageError
 from upmtrace.trace.cast import Rows, accepts, conform, value_message
 from upmtrace.trace.schema import (
     COLUMNS,
@@ -395,24 +395,7 @@ def write_trace(table: pa.Table, path: str | os.PathLike, *, platform: str = "sn
         metadata[META_SOURCE] = source
     if recorded is not None:
         metadata[META_RECORDED] = json.dumps(recorded, sort_keys=True)
-    _atomically(path, lambda f: writer(table, f, metadata))
-
-
-def _atomically(path: str, write: Callable) -> None:
-    target = Path(path)
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with open(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, target)
-    except BaseException as err:
-        temp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise UpmtraceError(f"{path}: cannot write ({err.strerror or err})") from None
-        raise
+    write_atomic(path, lambda f: writer(table, f, metadata))
 
 
 def _write_parquet(table: pa.Table, f, metadata: dict[str, str]) -> None:
