@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import traceback
 
@@ -577,7 +578,13 @@ def fleet_check(ctx: click.Context, baseline: str, policy_specs: tuple[str, ...]
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     cli(prog_name="upmtrace")
+
+
+def _terminated(signum: int, _frame) -> None:
+    """SIGTERM (a CI job's timeout, kill) unwinds like Ctrl-C: temporary outputs are removed."""
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":  # pragma: no cover
