@@ -11,9 +11,26 @@ from upmtrace.trace.schema import Kind
 
 
 def summarize(trace: Trace) -> dict:
-    """Counts, vCPUs, time span and memslot registrations of a validated trace."""
-    table = trace.table
-    memslots = _memslots(table)
+    """Counts, vCPUs, time span and memslot registrations of a validated trace.
+
+    Reads the events a record batch at a time, so a long streamed trace is never held whole.
+    """
+    kinds = np.zeros(len(Kind), dtype=np.int64)
+    vcpus: set[int] = set()
+    first = last = None
+    memslot_rows: list[tuple[int, dict]] = []
+    offset = 0
+    for batch in trace.batches():
+        table = pa.Table.from_batches([batch])
+        kinds += _by_kind(table)
+        vcpus.update(pc.unique(table.column("vcpu")).drop_null().to_pylist())
+        if table.num_rows:
+            ts = table.column("ts")
+            first = ts[0].as_py() if first is None else first
+            last = ts[-1].as_py()
+        memslot_rows += _memslot_rows(table, offset)
+        offset += table.num_rows
+    memslots = _memslots(memslot_rows)
     live = _live_at_end(memslots)
     return {
         "path": trace.path,
@@ -21,9 +38,10 @@ def summarize(trace: Trace) -> dict:
         "platform": trace.platform.value,
         "source": trace.source,
         "events": trace.events,
-        "events_by_kind": _by_kind(table),
-        "vcpus": _vcpus(table),
-        "time": _time_span(table),
+        "events_by_kind": {kind.value: int(kinds[code]) for code, kind in enumerate(Kind)},
+        "vcpus": sorted(v for v in vcpus if v >= 0),
+        "time": {"first_ts": first, "last_ts": last,
+                 "duration_ns": None if first is None else last - first},
         "memslots": memslots,
         "memslot_bytes": sum(slot["size"] for slot in live),
         "gmem_bytes": sum(slot["size"] for slot in live if slot["gmem"]),
@@ -31,33 +49,24 @@ def summarize(trace: Trace) -> dict:
     }
 
 
-def _by_kind(table: pa.Table) -> dict[str, int]:
+def _by_kind(table: pa.Table) -> np.ndarray:
     kinds = table.column("kind").combine_chunks()
-    counts = np.bincount(np.asarray(kinds.indices), minlength=len(Kind))
-    return {kind.value: int(counts[code]) for code, kind in enumerate(Kind)}
+    return np.bincount(np.asarray(kinds.indices), minlength=len(Kind))[:len(Kind)]
 
 
-def _vcpus(table: pa.Table) -> list[int]:
-    unique = pc.unique(table.column("vcpu")).drop_null()
-    return sorted(v for v in unique.to_pylist() if v >= 0)
-
-
-def _time_span(table: pa.Table) -> dict[str, int | None]:
-    if table.num_rows == 0:
-        return {"first_ts": None, "last_ts": None, "duration_ns": None}
-    ts = table.column("ts")
-    first, last = ts[0].as_py(), ts[-1].as_py()
-    return {"first_ts": first, "last_ts": last, "duration_ns": last - first}
-
-
-def _memslots(table: pa.Table) -> list[dict]:
-    """Every memslot row in order, with what it did: add, move (same id again) or delete."""
+def _memslot_rows(table: pa.Table, offset: int) -> list[tuple[int, dict]]:
+    """(1-based event number, row) of the memslot rows of one batch."""
     mask = pc.equal(table.column("kind"), Kind.MEMSLOT.value)
-    events = np.flatnonzero(np.asarray(mask.fill_null(False))) + 1
+    events = np.flatnonzero(np.asarray(mask.fill_null(False))) + 1 + offset
     rows = table.filter(mask).select(["slot", "gpa", "size", "gmem"]).to_pylist()
+    return list(zip(events.tolist(), rows, strict=True))
+
+
+def _memslots(memslot_rows: list[tuple[int, dict]]) -> list[dict]:
+    """Every memslot row in order, with what it did: add, move (same id again) or delete."""
     live: set[int] = set()
     result = []
-    for event, row in zip(events.tolist(), rows, strict=True):
+    for event, row in memslot_rows:
         action = "delete" if row["size"] == 0 else "move" if row["slot"] in live else "add"
         (live.discard if action == "delete" else live.add)(row["slot"])
         result.append({"event": event, "slot": row["slot"], "action": action, "gpa": row["gpa"],
