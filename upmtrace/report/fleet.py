@@ -48,8 +48,8 @@ def _head(summary: Summary) -> str:
             knobs = f"{knobs or 'the same knobs'} (otherwise as {first['name']})"
         lines.append(f"policy {p.name} ({p.traces - p.failed:,} of {p.traces:,} traces "
                      f"replayed): {knobs}")
-    lines.append(f"Over each policy's replayed traces; p50/p95: numpy percentile, method "
-                 f"'{PERCENTILE_METHOD}'")
+    lines.append(f"Each policy over its replayed traces; p50/p95: numpy percentile, method "
+                 f"'{PERCENTILE_METHOD}'; Δ against {first['name']}")
     return "\n".join(lines)
 
 
@@ -57,8 +57,7 @@ def _summary_table(summary: Summary) -> Table:
     """Per metric: a row per policy, then its delta and delta % against the first policy."""
     policies = summary.policies
     base = policies[0]
-    t = Table(title=f"Per policy, Δ against {base.name}", title_justify="left",
-              box=box.SIMPLE_HEAD, pad_edge=False)
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     t.add_column("metric / policy", no_wrap=True)
     for stat in STATS:
         t.add_column(stat, justify="right", no_wrap=True)
