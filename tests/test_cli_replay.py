@@ -122,3 +122,15 @@ def test_replay_shows_recorded_versus_model(tmp_path):
     assert hypercall.split("│")[-3].strip() == "3" and hypercall.split("│")[-2].strip() == "-2"
     npf_line = next(line for line in lines if "│ npf " in line)
     assert npf_line.split("│")[-2].strip() == "+0"
+
+
+def test_total_is_compared_over_the_recorded_levels_only(tmp_path):
+    path = tmp_path / "rec.parquet"
+    recorded = {"exits": {"userspace": {"KVM_EXIT_HYPERCALL": 1}}}  # a QEMU log: no VM exits
+    write_trace(table(memslot(0, 0, 4 * M), npf(0, True), psc(0, 8 * K, "shared")), path,
+                recorded=recorded)
+    total = next(line for line in run("replay", str(path)).output.splitlines()
+                 if "Total Samples" in line)
+    cells = [c.strip() for c in total.split("│")]
+    # model: 3 VM exits + 2 userspace = 5 samples; recorded 1 userspace vs model's 2
+    assert cells[2] == "5" and cells[-3] == "1" and cells[-2] == "+1"

@@ -51,8 +51,14 @@ def exits_table(report: dict) -> Table:
                       *versus(n, seen, bool(recorded)))
     t.add_row("Total Samples", f"{total:,}", "100.00%" if total else "-",
               ns(costs["vm_exit"] + costs["userspace_exit"]),
-              *versus(total, recorded_total(recorded), bool(recorded)), style="bold")
+              *versus(compared_total(exits, recorded), recorded_total(recorded), bool(recorded)),
+              style="bold")
     return t
+
+
+def compared_total(exits: dict, recorded: dict) -> int:
+    """The model's total over the levels the recording counted (it may hold userspace only)."""
+    return sum(exits[f"{level}_total"] for level in ("vm", "userspace") if branch(recorded, level))
 
 
 def versus(model: int, recorded: int | None, shown: bool) -> tuple[str, ...]:
