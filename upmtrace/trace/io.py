@@ -234,7 +234,11 @@ def _read_jsonl(path: str) -> Loaded:
         table = pa_json.read_json(path, parse_options=options)
     except ARROW_ERRORS:
         return _read_jsonl_slowly(path)
-    if table.num_rows != len(numbers) or _rounded(table):
+    try:
+        exact = table.num_rows == len(numbers) and not _rounded(table)
+    except UnicodeError:  # a key that is not UTF-8: the line-by-line reader names its line
+        exact = False
+    if not exact:
         return _read_jsonl_slowly(path)
     plain = len(numbers) == 0 or numbers[-1] == len(numbers)  # no blank line
     return Loaded(table, None, Rows(None if plain else numbers))
