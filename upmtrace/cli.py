@@ -121,7 +121,8 @@ def _workload_names() -> list[str]:
               help="Guest memory (multiple of 2M, 256M..256G).")
 @click.option("--vcpus", type=click.IntRange(1, 512), default=4, show_default=True,
               help="Number of vCPUs.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Random seed (an integer >= 0).")
 @click.option("--platform", type=PLATFORM, default=None,
               help="Platform recorded in the trace (default: the workload's).")
 def synth(workload: str, out: str, memory: int, vcpus: int, seed: int,
