@@ -420,6 +420,17 @@ def test_non_finite_cost_is_one_error(work, value):
           "c.toml: cost 'vm_exit' must be a number of ns >= 0...", work)
 
 
+@pytest.mark.parametrize("option", ["--policy", "--costs"])
+@pytest.mark.xfail(strict=True, raises=(RecursionError, AssertionError),
+                   reason="policy.py and costs.py (not ours to edit): tomllib raises "
+                          "RecursionError on deeply nested TOML, which load_toml/load_costs "
+                          "do not catch (a traceback)")
+def test_deeply_nested_toml_is_one_error(work, option):
+    (work / "deep.toml").write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    fails(["replay", GOOD, option, "deep.toml", "--output", "out.json"], 3, "deep.toml: ...",
+          work)
+
+
 # --- baselines ------------------------------------------------------------------------------
 
 
@@ -565,6 +576,8 @@ USAGE_CASES = [
      "--memory must be a multiple of 2 MiB between 256M and 256G, not 3145728 bytes"),
     (["synth", "snp-boot", "--vcpus", "0", "-o", "out.parquet"], 2,
      "Invalid value for '--vcpus': 0 is not in the range 1<=x<=512."),
+    (["synth", "snp-boot", "--seed", "-1", "-o", "out.parquet"], 2,
+     "Invalid value for '--seed': -1 is not in the range x>=0."),
     (["synth", "snp-boot", "-o", "out.txt"], 3,
      "out.txt: unknown trace format '.txt' (supported: .parquet, .arrow, .feather, .jsonl, "
      ".csv)"),
@@ -597,7 +610,8 @@ USAGE_CASES = [
     (["fleet", GOOD, "--policy", "eager", "-o", "res.txt", "--workers", "1"], 2,
      "-o res.txt: results are written as Parquet (name it *.parquet)"),
 ]
-USAGE_IDS = ["synth-memory", "synth-vcpus", "synth-suffix", "synth-no-folder",
+USAGE_IDS = ["synth-memory", "synth-vcpus", "synth-negative-seed", "synth-suffix",
+             "synth-no-folder",
              "replay-timeline-suffix", "replay-set-no-value", "replay-set-5000-digits",
              "replay-platform", "compare-one-policy", "check-tolerance-nan",
              "check-tolerance-inf", "check-metric", "import-suffix", "import-memslot",
