@@ -139,33 +139,17 @@ def replay_or_refuse(rows: list[dict], policy: str, platform: str = "snp") -> No
 BIG = GPA_LIMIT - 4 * T  # a slot from 4 TiB to the 2^52 limit: 2^31 blocks
 
 
-@pytest.mark.xfail(strict=True, raises=NotSparse,
-                   reason="model/machine.py _dealloc: aligned-2m walks every 2 MiB block of the "
-                          "converted range (range(first, g1 >> 9)) calling free_range on each, "
-                          "even where no page is resident: 2^31 iterations for a 2^52-byte "
-                          "conversion (4 TiB: ~7 s); walk the pool's resident blocks instead "
-                          "(blocks_in does)")
 def test_aligned_2m_dealloc_of_a_huge_range_visits_only_resident_blocks(monkeypatch):
     bounded(monkeypatch, machine.Machine, "free_range", 10_000)
     replay_or_refuse([memslot(0, 4 * T, BIG), npf(4 * T, False),
                       map_gpa(4 * T, BIG, True)], "hugepool")
 
 
-@pytest.mark.xfail(strict=True, raises=NotSparse,
-                   reason="model/machine.py prefault: an explicit conversion of a huge range "
-                          "maps (and allocates) every page of it, so model state grows with the "
-                          "range (4 TiB: ~1.7 GiB RSS, ~95 s; 2^52 bytes cannot finish); "
-                          "refuse such a range with a message naming a limit, or keep "
-                          "whole-range state as runs")
 def test_prefault_of_a_huge_range_is_sparse_or_refused(monkeypatch):
     bounded(monkeypatch, machine.Machine, "_allocated", 100_000)
     replay_or_refuse([memslot(0, 4 * T, BIG, True), map_gpa(4 * T, BIG, True)], "prefault")
 
 
-@pytest.mark.xfail(strict=True, raises=NotSparse,
-                   reason="engine.py host_access populates every page of its range, a block at "
-                          "a time: a host access spanning a huge slot allocates state for all of "
-                          "it (2^31 blocks for 2^52 bytes); refuse with a limit, or keep runs")
 def test_host_access_of_a_huge_range_is_sparse_or_refused(monkeypatch):
     bounded(monkeypatch, machine.Machine, "_allocated", 100_000)
     replay_or_refuse([memslot(0, 4 * T, BIG, True), host(4 * T, BIG)], "eager")
@@ -185,3 +169,17 @@ def test_info_on_slots_spanning_2_52_bytes(tmp_path):
     write_trace(table(memslot(0, 0, SLOT), memslot(1, SLOT, GPA_LIMIT - SLOT)), path)
     summary = summarize(read_trace(path))
     assert summary["memslot_bytes"] == summary["gmem_bytes"] == GPA_LIMIT
+
+
+def test_the_populate_limit_is_one_clear_line(tmp_path):
+    from click.testing import CliRunner
+
+    from upmtrace.cli import cli
+
+    path = tmp_path / "huge.parquet"
+    write_trace(table(memslot(0, 4 * T, 2 * T, True), host(4 * T, 2 * T)), path)
+    result = CliRunner().invoke(cli, ["replay", str(path)])
+    assert result.exit_code == 3
+    assert result.output.strip() == (
+        "Error: host_access of 0x20000000000 bytes at gpa 0x40000000000 would populate more "
+        "than the model's limit of 1 TiB in one event")

@@ -100,7 +100,7 @@ def parse_baseline(doc: Any, path: str | None = None) -> Baseline:
     if (not isinstance(metrics, list) or not metrics
             or not all(isinstance(m, str) for m in metrics)):
         raise InputError("guard.metrics must be a non-empty list of report keys")
-    if not _percentage(tolerance):
+    if not is_percentage(tolerance):
         raise InputError("guard.tolerance must be a percentage >= 0")
     if report.get("schema") != REPORT_SCHEMA:
         raise InputError(f"baseline report: expected schema {REPORT_SCHEMA!r}")
@@ -116,7 +116,7 @@ def parse_baseline(doc: Any, path: str | None = None) -> Baseline:
     return Baseline(tuple(metrics), Fraction(str(tolerance)), Result(report), path)
 
 
-def _percentage(value: Any) -> bool:
+def is_percentage(value: Any) -> bool:
     """A number >= 0 that is finite as a float (the reports print it as one)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         return False

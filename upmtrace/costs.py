@@ -7,10 +7,13 @@ any machine; the report labels the total an estimate. Override any of them with 
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 
 from upmtrace.errors import InputError
+
+MAX_NS = 1e12  # one operation costing more than 1000 s is a typo, not a cost
 
 # category -> (ns per operation, counter it multiplies, basis)
 DEFAULTS: dict[str, tuple[int, str, str]] = {
@@ -54,6 +57,8 @@ def load_costs(path: str | Path) -> dict[str, int]:
         raise InputError("no such cost file", path=str(path)) from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise InputError(f"not a valid cost table: {err}", path=str(path)) from None
+    except RecursionError:
+        raise InputError("not a valid cost table: nested too deeply", path=str(path)) from None
     costs = default_costs()
     for key, value in data.items():
         if key not in DEFAULTS:
@@ -61,6 +66,9 @@ def load_costs(path: str | Path) -> dict[str, int]:
                              path=str(path))
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise InputError(f"cost {key!r} must be a number of ns >= 0", path=str(path))
+        if not math.isfinite(value) or value > MAX_NS:
+            raise InputError(f"cost {key!r} must be a number of ns >= 0 and at most 1e12",
+                             path=str(path))
         costs[key] = value
     return costs
 

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from upmtrace.costs import default_costs, estimate
 from upmtrace.model.bits import block_spans
-from upmtrace.model.machine import PRIVATE, SHARED, Machine
+from upmtrace.model.machine import POPULATE_LIMIT_PAGES, PRIVATE, SHARED, Machine
 from upmtrace.policy import PRESETS, Policy
 from upmtrace.timeline import Timeline
 from upmtrace.trace.schema import (
@@ -245,6 +245,8 @@ class Engine:
         count["host_access.pages"] += g1 - g0
         slot = m.slots.find(g0)
         slots = [slot] if slot is not None and g1 <= slot.end else m.slots.overlapping(g0, g1)
+        if g1 - g0 > POPULATE_LIMIT_PAGES:
+            m.check_populate_limit("host_access", g0, g1, slots)
         for slot in slots:
             for block, mask in block_spans(max(g0, slot.start), min(g1, slot.end)):
                 private = m.private_bitmap(block, mask)  # pages the guest has taken private

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from upmtrace.atomic import write_text
+from upmtrace.baseline import is_percentage, loads
 from upmtrace.errors import InputError, PolicyError, UpmtraceError, UsageError
 from upmtrace.fleet import TOTALLED, Executor, Fleet, run, summarize
 from upmtrace.gate import DEFAULT_METRICS, Outcome, Verdict, status
@@ -76,13 +77,18 @@ OnRow = Callable[[dict[str, Any]], None] | None
 
 def read_fleet_baseline(path: str) -> FleetBaseline:
     try:
-        doc = json.loads(Path(path).read_text())
+        doc = loads(Path(path).read_text())
     except FileNotFoundError:
         raise InputError("no such fleet baseline (create it with --update)", path=path) from None
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"cannot read fleet baseline: {err}", path=path) from None
     except json.JSONDecodeError as err:
         raise InputError(f"fleet baseline is not JSON: {err}", path=path) from None
+    except (ValueError, RecursionError) as err:  # a 5000-digit number, deep nesting
+        raise InputError(f"fleet baseline is not JSON: {str(err).split(';')[0]}",
+                         path=path) from None
+    except InputError as err:  # NaN, Infinity, a number that overflows
+        raise InputError(str(err).replace("baseline", "fleet baseline", 1), path=path) from None
     try:
         return parse_fleet_baseline(doc, path)
     except (InputError, PolicyError, TypeError, KeyError, AttributeError) as err:
@@ -96,7 +102,7 @@ def parse_fleet_baseline(doc: Any, path: str | None = None) -> FleetBaseline:
     metrics, tolerance = guard["metrics"], guard.get("tolerance", 0)
     if not isinstance(metrics, list) or not metrics or not set(metrics) <= set(TOTALLED):
         raise InputError("guard.metrics must be a non-empty list of fleet total keys")
-    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or tolerance < 0:
+    if not is_percentage(tolerance):
         raise InputError("guard.tolerance must be a percentage >= 0")
     policies = tuple(Policy(**p) for p in doc["policies"])
     totals = doc["totals"]

@@ -163,6 +163,8 @@ def load_toml(path: Path) -> Policy:
         raise PolicyError(f"cannot read policy file: {err}", path=str(path)) from None
     except tomllib.TOMLDecodeError as err:
         raise PolicyError(f"not valid TOML: {err}", path=str(path)) from None
+    except RecursionError:
+        raise PolicyError("not valid TOML: nested too deeply", path=str(path)) from None
     name = data.pop("name", path.stem)
     if not isinstance(name, str) or not name:
         raise PolicyError("'name' must be a non-empty string", path=str(path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 
+from upmtrace.errors import InputError
 from upmtrace.model.attributes import AttributeMap
 from upmtrace.model.bits import BLOCK_PAGES_SHIFT, FULL, block_spans, blocks_in, iter_bits
 from upmtrace.model.directmap import DirectMap
@@ -20,6 +21,7 @@ from upmtrace.policy import Policy
 from upmtrace.trace.schema import PAGES_PER_BLOCK, Platform
 
 SHARED, PRIVATE = False, True
+POPULATE_LIMIT_PAGES = 1 << 28  # 1 TiB of 4 KiB pages
 BLOCK_MASK = PAGES_PER_BLOCK - 1
 
 
@@ -98,10 +100,10 @@ class Machine:
         mode = self.policy.dealloc
         if mode == "eager":
             self.free_range(old, g0, g1)
-        elif mode == "aligned-2m":
-            first = (g0 + BLOCK_MASK) >> BLOCK_PAGES_SHIFT
-            for b in range(first, g1 >> BLOCK_PAGES_SHIFT):
-                self.free_range(old, b << BLOCK_PAGES_SHIFT, (b + 1) << BLOCK_PAGES_SHIFT)
+        elif mode == "aligned-2m":  # the blocks wholly inside the range
+            first, last = (g0 + BLOCK_MASK) >> BLOCK_PAGES_SHIFT, g1 >> BLOCK_PAGES_SHIFT
+            if first < last:
+                self.free_range(old, first << BLOCK_PAGES_SHIFT, last << BLOCK_PAGES_SHIFT)
         elif self._mark_stale(g0, g1, old) and self.policy.lazy_limit:
             self._reclaim()
 
@@ -270,9 +272,9 @@ class Machine:
         block's level (and may PSMASH and zap the block); the pages after it that are then
         unmapped are mapped at 4 KiB together, exactly as one map_gfn call each would.
         """
-        for slot in self.slots.overlapping(g0, g1):
-            if private and not slot.gmem:
-                continue
+        slots = [s for s in self.slots.overlapping(g0, g1) if s.gmem or not private]
+        self.check_populate_limit("prefault", g0, g1, slots)
+        for slot in slots:
             for block, mask in block_spans(max(g0, slot.start), min(g1, slot.end)):
                 todo = mask & ~self.maps.mapped_bitmap(block)[private]
                 if not todo:
@@ -284,6 +286,13 @@ class Machine:
                 rest = mask & ~((2 << first) - 1) & ~self.maps.mapped_bitmap(block)[private]
                 if rest:
                     self.map_small_many(block, rest, private, slot)
+
+    def check_populate_limit(self, what: str, g0: int, g1: int, slots: list[Slot]) -> None:
+        """The model keeps state per touched block: one event may populate at most 1 TiB."""
+        pages = sum(min(g1, s.end) - max(g0, s.start) for s in slots)
+        if pages > POPULATE_LIMIT_PAGES:
+            raise InputError(f"{what} of {pages << 12:#x} bytes at gpa {g0 << 12:#x} would "
+                             "populate more than the model's limit of 1 TiB in one event")
 
     # --- measurements -------------------------------------------------------------------------
 
