@@ -61,9 +61,9 @@ def conform(table: pa.Table, *, path: str | None = None, rows: Rows | None = Non
 
 
 def _check_names(table: pa.Table, path: str | None, rows: Rows) -> None:
-    for name in table.column_names:
+    for index, name in enumerate(table.column_names):
         if name not in COLUMNS:
-            column = table.column(name)
+            column = table.column(index)  # by index: the name may appear twice
             first = _first_valid(column)
             raise TraceError(f"unknown column (known: {', '.join(COLUMNS)})", path=path,
                              row=None if first is None else rows(first), column=name)
