@@ -112,6 +112,23 @@ def test_random_bytes_at_the_trace_readers(suffix, data):
         read_or_refuse(path)
 
 
+CELLS = ["", "0", "1", "-1", "4096", "0x1000", "2097152", str(GPA_LIMIT), str(1 << 64), "1e3",
+         "true", "false", "TRUE", "npf", "psc", "memslot", "private", "shared", '"a,b"', '"\n"',
+         "\x00", "\u00e9", " 7"]
+
+
+@fuzz(60)
+@given(st.lists(st.sampled_from([*SCHEMA.names, "shared", "", "ts "]), min_size=1, max_size=14),
+       st.lists(st.lists(st.sampled_from(CELLS), min_size=1, max_size=14), max_size=6))
+def test_random_csv_headers_and_cells(header, rows):
+    """Duplicate, unknown and missing columns, ragged rows, quoted newlines, odd numbers."""
+    lines = [",".join(header), *(",".join(row) for row in rows)]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "t.csv"
+        path.write_text("\n".join(lines) + "\n")
+        read_or_refuse(path)
+
+
 @st.composite
 def log_bytes(draw) -> bytes:
     lines = draw(st.lists(st.sampled_from(LOG_LINES), min_size=1, max_size=20))

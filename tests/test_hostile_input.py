@@ -203,6 +203,10 @@ TRACE_CASES = [
          "t.parquet, row 1, column 'gpa': gpa '0' is not a non-negative integer"),
     Case("csv-wrong-type", "t.csv", csv(CSV_SLOT, "1,npf,0,0,,yes,,,,,,"),
          "t.csv, row 2, column 'private': private 'yes' is not true or false"),
+    Case("csv-unknown-column-twice", "t.csv", text("ts,kind,shared,shared\n0,npf,1,2\n"),
+         f"t.csv, row 1, column 'shared': unknown column (known: {COLUMNS})"),
+    Case("csv-column-twice", "t.csv", text("ts,kind,gpa,gpa\n0,npf,1,2\n"),
+         "t.csv, column 'gpa': column appears twice"),
     Case("csv-unknown-kind", "t.csv", csv(CSV_SLOT, "1,reboot,0,0,,,,,,,,"),
          "t.csv, row 2, column 'kind': unknown kind 'reboot' (expected one of memslot, "
          "set_attributes, npf, psc, map_gpa, host_access)"),
