@@ -6,10 +6,10 @@
 
 Every measurement runs in a fresh Python process, so peak RSS is that replay's alone. Traces are
 made with `upmtrace synth` (and a hand-built sparse trace) and cached under bench-cache/.
-Reported per trace: replay time (read_trace + replay, as `upmtrace replay` spends it, without the
-interpreter start), events per second, the ratio to the pyarrow floor (the time
-pyarrow.parquet.read_table needs just to read the same file, measured in the same run), and the
-peak RSS of the replaying process.
+Reported per trace: replay time (read_trace + replay, as `upmtrace replay` spends it, after
+the interpreter has started and imported upmtrace), events per second, the ratio to the pyarrow
+floor (the time pyarrow.parquet.read_table needs just to read the same file, measured in the
+same run), and the peak RSS of the replaying process.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ SPARSE_TOUCHED = 2 << 30  # ... that touches 2 GiB
 CHILD = r"""
 import json, resource, sys, time
 what, path, preset = sys.argv[1:4]
-start = time.perf_counter()
+import pyarrow.parquet as pq
+from upmtrace.engine import replay
+from upmtrace.policy import PRESETS
+from upmtrace.trace.io import read_trace
+start = time.perf_counter()  # after the imports: the interpreter's start is not the replay's
 if what == "floor":
-    import pyarrow.parquet as pq
     events = pq.read_table(path).num_rows
 else:
-    from upmtrace.engine import replay
-    from upmtrace.policy import PRESETS
-    from upmtrace.trace.io import read_trace
     trace = read_trace(path)
     replay(trace, PRESETS[preset])
     events = trace.events
