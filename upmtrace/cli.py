@@ -316,8 +316,7 @@ def plot(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...],
     from upmtrace.atomic import write_atomic
     from upmtrace.costs import load_costs
     from upmtrace.engine import replay as run
-    from upmtrace.errors import UsageError
-    from upmtrace.policy import load_policy, parse_overrides
+    from upmtrace.policy import check_distinct, load_policy, parse_overrides
     from upmtrace.progress import progress, tracked
     from upmtrace.report.plot import Series, format_of, render
     from upmtrace.timeline import Timeline
@@ -326,9 +325,7 @@ def plot(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...],
     fmt = format_of(output)
     knobs = parse_overrides(overrides)
     policies = [load_policy(spec, knobs) for spec in policy_specs]
-    names = [p.name for p in policies]
-    if len(set(names)) < len(names):
-        raise UsageError(f"policy {next(n for n in names if names.count(n) > 1)!r} given twice")
+    check_distinct(policies, "the plot's curves are named by policy")
     costs = load_costs(costs_file) if costs_file else None
     loaded = read_trace(trace, platform=platform)
     series = []
@@ -341,7 +338,7 @@ def plot(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...],
     title = f"{trace}: {r['events']:,} events, platform {r['platform']}"
     image = render(series, fmt, title=title, costs=costs)
     write_atomic(output, lambda f: f.write(image))
-    click.echo(f"wrote {output} ({', '.join(names)})")
+    click.echo(f"wrote {output} ({', '.join(p.name for p in policies)})")
 
 
 @cli.command()

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from upmtrace.engine import Result, replay
 from upmtrace.errors import UsageError
-from upmtrace.policy import Policy
+from upmtrace.policy import Policy, check_distinct
 
 SCHEMA_ID = "upmtrace.compare.v1"
 # Starting a worker costs ~0.4 s (a fresh interpreter importing pyarrow); the engine replays
@@ -76,8 +76,4 @@ def _events(trace) -> int:
 def check_policies(policies: list[Policy]) -> None:
     if len(policies) < 2:
         raise UsageError("compare needs at least two --policy options")
-    names = [p.name for p in policies]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise UsageError(f"policy {twice[0]!r} given twice: compare's columns are named by "
-                         "policy (copy the TOML file under another name to vary its knobs)")
+    check_distinct(policies, "compare's columns are named by policy")

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from upmtrace.atomic import write_atomic
 from upmtrace.costs import DEFAULTS as COSTS
 from upmtrace.errors import InputError, UpmtraceError, UsageError
-from upmtrace.policy import KNOBS, Policy
+from upmtrace.policy import KNOBS, Policy, check_distinct
 
 SCHEMA_ID = "upmtrace.fleet.v1"  # the summary JSON
 RESULTS_ID = "upmtrace.fleet-results.v1"  # the results table (Parquet schema metadata)
@@ -133,11 +133,7 @@ def _check_suffix(path: str) -> str:
 def check_policies(policies: Sequence[Policy]) -> None:
     if not policies:
         raise UsageError("fleet needs at least one --policy")
-    names = [p.name for p in policies]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise UsageError(f"policy {twice[0]!r} given twice: result rows are keyed by policy "
-                         "name (copy the TOML file under another name to vary its knobs)")
+    check_distinct(policies, "result rows are keyed by policy name")
 
 
 # --- the worker ----------------------------------------------------------------------------

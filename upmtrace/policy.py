@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from upmtrace.errors import PolicyError
+from upmtrace.errors import PolicyError, UsageError
 
 # knob -> (allowed values or type, meaning)
 KNOBS: dict[str, tuple[Any, str]] = {
@@ -177,3 +177,12 @@ def load_toml(path: Path) -> Policy:
         except PolicyError as err:
             raise PolicyError(str(err), path=str(path)) from None
     return Policy(name=name, **data)
+
+
+def check_distinct(policies, keyed: str) -> None:
+    """Policy names key a report's columns or rows: the same name twice is a usage error."""
+    names = [p.name for p in policies]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"policy {twice[0]!r} given twice: {keyed} (copy the TOML file under "
+                         "another name to vary its knobs)")
