@@ -11,19 +11,17 @@ import click
 
 from upmtrace.errors import UpmtraceError
 
-SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
 
 def parse_size(text: str) -> int:
-    """'1G', '512M', '4096', '2GiB' -> bytes."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1:] if t[-1:] in SIZE_SUFFIXES else ""
-    number = t[: len(t) - len(unit)]
+    """'1G', '512M', '4096', '2GiB' -> bytes, as a click parameter (units.parse_bytes)."""
+    from upmtrace.units import parse_bytes
+
+    t = text.strip()
     try:
-        value = int(number, 0) * SIZE_SUFFIXES[unit]
+        value = parse_bytes(t.removeprefix("-"))
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a size (examples: 4096, 512M, 1G)") from None
-    if value <= 0:
+    if t.startswith("-") or value <= 0:
         raise click.BadParameter(f"{text!r} must be positive")
     return value
 

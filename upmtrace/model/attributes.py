@@ -92,9 +92,6 @@ class AttributeMap:
         ends[lo:hi] = new_e
         self._arrays = None
 
-    def private_pages(self) -> int:
-        return sum(e - s for s, e in zip(self._starts, self._ends, strict=True))
-
     def check_invariants(self) -> None:
         for i, (s, e) in enumerate(zip(self._starts, self._ends, strict=True)):
             assert s < e, f"empty private run {s}..{e}"
