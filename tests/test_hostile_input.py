@@ -209,10 +209,10 @@ TRACE_CASES = [
          "t.csv, column 'gpa': column appears twice"),
     Case("csv-unknown-kind", "t.csv", csv(CSV_SLOT, "1,reboot,0,0,,,,,,,,"),
          "t.csv, row 2, column 'kind': unknown kind 'reboot' (expected one of memslot, "
-         "set_attributes, npf, psc, map_gpa, host_access)"),
+         "set_attributes, npf, psc, map_gpa, host_access, populate)"),
     Case("arrow-unknown-kind", "t.arrow", arrow_with_kind("teleport"),
          "t.arrow, row 2, column 'kind': unknown kind 'teleport' (expected one of memslot, "
-         "set_attributes, npf, psc, map_gpa, host_access)"),
+         "set_attributes, npf, psc, map_gpa, host_access, populate)"),
     Case("jsonl-negative-size", "t.jsonl",
          jsonl(NPF, '{"ts": 2, "kind": "map_gpa", "vcpu": 0, "gpa": 0, "size": -4096, '
                     '"private": true}'),

@@ -51,7 +51,7 @@ def test_summarize(trace_path):
     assert summary["sha256"] == trace.sha256
     assert (summary["platform"], summary["source"], summary["events"]) == ("tdx", "hand made", 10)
     assert summary["events_by_kind"] == {"memslot": 4, "set_attributes": 1, "npf": 2, "psc": 2,
-                                         "map_gpa": 0, "host_access": 1}
+                                         "map_gpa": 0, "host_access": 1, "populate": 0}
     assert summary["vcpus"] == [0, 1, 3]
     assert summary["time"] == {"first_ts": 1000, "last_ts": 1_500_001_000,
                                "duration_ns": 1_500_000_000}
@@ -86,7 +86,7 @@ def test_table_output(trace_path):
              if line.startswith("│") and line.split()[1] in summarize(read_trace(trace_path))
              ["events_by_kind"]}
     assert kinds == {"memslot": "4", "set_attributes": "1", "npf": "2", "psc": "2",
-                     "map_gpa": "0", "host_access": "1"}
+                     "map_gpa": "0", "host_access": "1", "populate": "0"}
     assert max(len(line) for line in out.splitlines()) <= 120
     assert "\x1b[" not in out
 

@@ -20,7 +20,7 @@ SLOT = "0,memslot,,0,1073741824,,,0,true,,,"  # a valid first row
 CSV_CASES = [
     ("unknown_kind", [SLOT, "1,reboot,0,0,,,,,,,,"],
      "t.csv, row 2, column 'kind': unknown kind 'reboot' (expected one of memslot, "
-     "set_attributes, npf, psc, map_gpa, host_access)"),
+     "set_attributes, npf, psc, map_gpa, host_access, populate)"),
     ("ts_null", [SLOT, ",npf,0,0,,true,,,,,,"], "t.csv, row 2, column 'ts': ts is missing"),
     ("kind_null", [SLOT, "1,,0,0,,true,,,,,,"], "t.csv, row 2, column 'kind': kind is missing"),
     ("required_null", [SLOT, "1,psc,0,0,4096,,,,,3,,"],

@@ -23,6 +23,7 @@ class Kind(StrEnum):
     PSC = "psc"
     MAP_GPA = "map_gpa"
     HOST_ACCESS = "host_access"
+    POPULATE = "populate"  # format 1.1
 
 
 class PscOp(StrEnum):
@@ -67,6 +68,7 @@ REQUIRED: dict[Kind, tuple[str, ...]] = {
     Kind.PSC: ("vcpu", "req", "gpa", "size", "op"),
     Kind.MAP_GPA: ("vcpu", "gpa", "size", "private"),
     Kind.HOST_ACCESS: ("gpa", "size"),
+    Kind.POPULATE: ("gpa", "size"),
 }
 
 # Metadata keys (Parquet/Arrow schema key-value).

@@ -18,7 +18,7 @@ from upmtrace.trace.schema import GPA_LIMIT, PAGE_SIZE, REQUIRED, Kind
 
 KINDS = list(Kind)
 CODE = {kind: code for code, kind in enumerate(KINDS)}
-ALIGNED_KINDS = (Kind.MEMSLOT, Kind.SET_ATTRIBUTES, Kind.PSC, Kind.MAP_GPA)
+ALIGNED_KINDS = (Kind.MEMSLOT, Kind.SET_ATTRIBUTES, Kind.PSC, Kind.MAP_GPA, Kind.POPULATE)
 VCPU_KINDS = (Kind.NPF, Kind.PSC, Kind.MAP_GPA)
 SIZED_KINDS = tuple(k for k in Kind if "size" in REQUIRED[k])
 HOST = -1
