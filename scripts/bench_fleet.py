@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from upmtrace.fleet import DaskExecutor, Executor, Fleet, LocalExecutor, find_traces, run
+from upmtrace.fleet.pairs import DaskExecutor, Executor, Fleet, LocalExecutor, find_traces, run
 from upmtrace.policy import PRESETS
 from upmtrace.trace.io import write_trace
 from upmtrace.trace.synth import WORKLOADS, format_size, synthesize

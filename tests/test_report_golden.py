@@ -14,8 +14,8 @@ import pytest
 from scenario import table
 from test_cli_compare import ROWS
 
-from upmtrace.compare import compare
 from upmtrace.engine import Result, replay
+from upmtrace.fleet.compare import compare
 from upmtrace.gate import Outcome, Verdict, status
 from upmtrace.policy import PRESETS
 from upmtrace.report import check as check_report

@@ -274,9 +274,9 @@ def compare(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...
     The trace is read once; the policies replay in parallel processes. --set applies to every
     policy. In the table the lowest value of each row is marked with `*`.
     """
-    from upmtrace.compare import check_policies, default_workers
-    from upmtrace.compare import compare as run
     from upmtrace.costs import load_costs
+    from upmtrace.fleet.compare import check_policies, default_workers
+    from upmtrace.fleet.compare import compare as run
     from upmtrace.policy import load_policy
     from upmtrace.progress import progress, tracked
     from upmtrace.report.compare import RENDERERS
@@ -428,7 +428,7 @@ def fleet_options(f):
 
 def _fleet_setup(traces, output, executor, scheduler, workers):
     """(trace paths, executor), every option checked before anything is replayed."""
-    from upmtrace import fleet as lib
+    from upmtrace.fleet import pairs as lib
 
     runner = lib.make_executor(executor or ("dask" if scheduler else "local"),
                                scheduler=scheduler, workers=workers)
@@ -487,8 +487,8 @@ def fleet_run(ctx: click.Context, policy_specs: tuple[str, ...], overrides: tupl
     *.jsonl, *.csv in it). Workers read the traces themselves. Exit 3 if any pair failed (the
     summary lists it), else 0.
     """
-    from upmtrace import fleet as lib
     from upmtrace.costs import load_costs
+    from upmtrace.fleet import pairs as lib
     from upmtrace.policy import load_policy
     from upmtrace.report.fleet import RENDERERS
 
@@ -541,7 +541,7 @@ def fleet_check(ctx: click.Context, baseline: str, policy_specs: tuple[str, ...]
     from upmtrace import fleet_gate as gate
     from upmtrace.atomic import write_text
     from upmtrace.costs import load_costs
-    from upmtrace.fleet import write_results
+    from upmtrace.fleet.pairs import write_results
     from upmtrace.report.check import RENDERERS
 
     request = gate.Request(

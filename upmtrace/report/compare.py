@@ -10,7 +10,7 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from upmtrace.compare import Comparison
+from upmtrace.fleet.compare import Comparison
 from upmtrace.report.table import ns, to_text
 from upmtrace.units import human_bytes
 
