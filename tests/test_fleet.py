@@ -15,17 +15,17 @@ from scenario import K, M, attrs, memslot, npf, table
 from upmtrace.cli import cli
 from upmtrace.engine import replay
 from upmtrace.errors import InputError
+from upmtrace.fleet.executors import LocalExecutor
 from upmtrace.fleet.pairs import (
     METRICS,
     RESULT_SCHEMA,
     Fleet,
-    LocalExecutor,
     find_traces,
     flatten,
     replay_pair,
     run,
-    summarize,
 )
+from upmtrace.fleet.summary import summarize
 from upmtrace.policy import PRESETS
 from upmtrace.trace.io import read_trace, write_trace
 
@@ -279,8 +279,8 @@ def test_dask_missing_is_a_usage_error(fleet_dir, monkeypatch):
 
 
 def test_the_core_does_not_import_dask():
-    code = ("import sys, upmtrace, upmtrace.cli, upmtrace.fleet.pairs, upmtrace.fleet_gate, "
-            "upmtrace.report.fleet; "
+    code = ("import sys, upmtrace, upmtrace.cli, upmtrace.fleet.pairs, upmtrace.fleet.summary, "
+            "upmtrace.fleet.compare, upmtrace.fleet_gate, upmtrace.report.fleet; "
             "assert not {'dask', 'distributed'} & set(sys.modules), 'dask imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

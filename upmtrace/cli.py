@@ -429,8 +429,9 @@ def fleet_options(f):
 def _fleet_setup(traces, output, executor, scheduler, workers):
     """(trace paths, executor), every option checked before anything is replayed."""
     from upmtrace.fleet import pairs as lib
+    from upmtrace.fleet.executors import make_executor
 
-    runner = lib.make_executor(executor or ("dask" if scheduler else "local"),
+    runner = make_executor(executor or ("dask" if scheduler else "local"),
                                scheduler=scheduler, workers=workers)
     if output:
         lib.check_output(output)
@@ -489,6 +490,7 @@ def fleet_run(ctx: click.Context, policy_specs: tuple[str, ...], overrides: tupl
     """
     from upmtrace.costs import load_costs
     from upmtrace.fleet import pairs as lib
+    from upmtrace.fleet.summary import summarize
     from upmtrace.policy import load_policy
     from upmtrace.report.fleet import RENDERERS
 
@@ -501,7 +503,7 @@ def fleet_run(ctx: click.Context, policy_specs: tuple[str, ...], overrides: tupl
         table = lib.run(request, runner, on_row=progress)
     if output:
         lib.write_results(table, output)
-    summary = lib.summarize(table, policies, output)
+    summary = summarize(table, policies, output)
     click.echo(RENDERERS[fmt](summary, width()), nl=False)
     ctx.exit(3 if summary.failures else 0)
 

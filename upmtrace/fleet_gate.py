@@ -27,7 +27,9 @@ import pyarrow.compute as pc
 from upmtrace.atomic import write_text
 from upmtrace.baseline import is_percentage, loads
 from upmtrace.errors import InputError, PolicyError, UpmtraceError, UsageError
-from upmtrace.fleet.pairs import TOTALLED, Executor, Fleet, run, summarize
+from upmtrace.fleet.executors import Executor
+from upmtrace.fleet.pairs import TOTALLED, Fleet, run
+from upmtrace.fleet.summary import summarize
 from upmtrace.gate import DEFAULT_METRICS, Outcome, Verdict, status
 from upmtrace.policy import PRESETS, Policy, load_policy, parse_overrides
 

@@ -8,7 +8,7 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from upmtrace.fleet.pairs import HEADLINE, PERCENTILE_METHOD, STATS, PolicySummary, Summary
+from upmtrace.fleet.summary import HEADLINE, PERCENTILE_METHOD, STATS, PolicySummary, Summary
 from upmtrace.report.compare import rstrip
 from upmtrace.report.table import to_text
 from upmtrace.units import human_bytes
