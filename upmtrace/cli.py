@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import sys
@@ -412,7 +413,8 @@ def fleet_options(f):
         click.option("--platform", type=PLATFORM, default=None,
                      help="Override every trace's platform (default: each trace's metadata)."),
         click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-                     help="Write the results table (one row per pair) to FILE.parquet."),
+                     help="Write the results table to FILE.parquet (fleet: one row per pair; "
+                          "sweep: one per policy)."),
         click.option("--executor", type=click.Choice(["local", "dask"]), default=None,
                      help="local: a process pool (the default); dask: a Dask cluster "
                           "(needs pip install 'upmtrace[dask]')."),
@@ -568,6 +570,65 @@ def fleet_check(ctx: click.Context, baseline: str, policy_specs: tuple[str, ...]
     if junit:
         write_text(junit, RENDERERS["junit"](outcome, width()))
     ctx.exit(1 if outcome.regressions else 0)
+
+
+# --- sweep ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--vary", "varies", multiple=True, metavar="KNOB=V1,V2[,...]",
+              help="A knob and the values to try (repeatable, one per knob); a size knob "
+                   "takes sizes, e.g. lazy_limit=0,64M,256M.")
+@click.option("--policy", "policy_spec", default="eager", show_default=True,
+              help="The base policy the knobs vary on: a preset, a TOML file or a spec "
+                   "BASE+KEY=VALUE; deltas are against it.")
+@policy_options
+@fleet_options
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Also draw memory against exits, cost as colour, the frontier joined "
+                   "(.png or .svg).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+              show_default=True, help="Output format; json is upmtrace.sweep.v1.")
+@click.option("--objective", "objectives", multiple=True, metavar="KEY",
+              help="A numeric report key to minimise (repeatable; replaces the default "
+                   "memory.peak_resident_bytes, exits.total, cost.total_ns).")
+def sweep(varies: tuple[str, ...], policy_spec: str, overrides: tuple[str, ...],
+          costs_file: str | None, traces: tuple[str, ...], platform: str | None,
+          output: str | None, executor: str | None, scheduler: str | None,
+          workers: int | None, plot: str | None, fmt: str,
+          objectives: tuple[str, ...]) -> None:
+    """Replay TRACES under every combination of the varied knobs; show the Pareto frontier.
+
+    Each combination is the base policy with the varied knobs set, named by its spec
+    (eager+gmem_page=2m+prefault=true); combinations that are the same policy replay once.
+    The frontier is the policies no other policy beats on every objective at once; the table
+    lists it first, with deltas against the base, then the dominated ones and which frontier
+    policy dominates each. With several traces (or a folder) policies are ranked by their
+    totals over all traces. A trace that fails to replay is exit 3.
+    """
+    from upmtrace.atomic import write_atomic
+    from upmtrace.costs import load_costs
+    from upmtrace.fleet import sweep as lib
+    from upmtrace.policy import load_policy
+    from upmtrace.report.sweep import RENDERERS
+    from upmtrace.report.sweep_plot import format_of, render
+
+    grid = lib.make_grid(load_policy(policy_spec, overrides), lib.parse_varies(varies))
+    goals = lib.check_objectives(objectives)
+    plot_fmt = format_of(plot) if plot else None
+    costs = load_costs(costs_file) if costs_file else None
+    paths, runner = _fleet_setup(traces, output, executor, scheduler, workers)
+    request = lib.Sweep(tuple(paths), grid, goals, platform, costs)
+    with Progress(len(paths) * len(grid.policies)) as progress:
+        outcome = lib.run_sweep(request, runner, on_row=progress)
+    if output:
+        lib.write_results(outcome, output)
+        outcome = dataclasses.replace(outcome, results=output)
+    if plot:
+        image = render(outcome, plot_fmt, title=f"Sweep of {', '.join(paths)}"
+                       if len(paths) <= 2 else f"Sweep of {len(paths)} traces")
+        write_atomic(plot, lambda f: f.write(image))
+    click.echo(RENDERERS[fmt](outcome, width()), nl=False)
 
 
 def main() -> None:

@@ -1,0 +1,124 @@
+"""Renderers of a sweep Outcome: `(outcome, width) -> str`. They format; they compute nothing."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+
+from rich import box
+from rich.table import Table
+
+from upmtrace.fleet.sweep import Outcome, Ranked
+from upmtrace.report.table import ns, rstrip, show, to_text
+from upmtrace.units import human_bytes
+
+
+def write_value(key: str) -> Callable[[int | float], str]:
+    """How an objective's value is written: bytes, nanoseconds, a ratio or a count."""
+    if key.endswith("_bytes"):
+        return human_bytes
+    if key.endswith("_ns"):
+        return ns
+    return lambda v: f"{v:,.3f}" if isinstance(v, float) else f"{v:,}"
+
+
+def percent(value: int | float, base: int | float) -> str:
+    """The change against the base in percent: `+6.1%`, `0`, or `new` against a base of 0."""
+    if value == base:
+        return "0"
+    if not base:
+        return "new"
+    return f"{100 * (value - base) / base:+.1f}%"
+
+
+def header(key: str) -> str:
+    """A report key as a column header, broken after its section: `memory.\npeak_..._bytes`."""
+    section, _, rest = key.partition(".")
+    return f"{section}.\n{rest}" if rest else key
+
+
+def render_table(outcome: Outcome, width: int = 100) -> str:
+    shown = outcome.shown
+    on = [r for r in shown if r.on_frontier]
+    parts = [_head(outcome), _table(outcome, on, "Frontier", 1)]
+    dominated = [r for r in shown if not r.on_frontier]
+    if dominated:
+        parts.append(_table(outcome, dominated, "Dominated", len(on) + 1))
+    return rstrip(to_text(*parts, width=width))
+
+
+def _head(outcome: Outcome) -> str:
+    sweep, grid = outcome.sweep, outcome.sweep.grid
+    if len(sweep.traces) == 1:
+        trace = sweep.traces[0]
+        what = f"{trace} ({outcome.events[trace]:,} events)"
+    else:
+        what = (f"{len(sweep.traces)} traces ({sum(outcome.events.values()):,} events), "
+                "policies ranked by their totals over all traces")
+    varied = " x ".join(f"{v.knob} ({', '.join(v.values)})" for v in grid.varies)
+    lines = [f"Sweep of {what}",
+             f"{grid.combinations} combinations of {varied} on {grid.base.name}: "
+             f"{len(grid.policies)} policies replayed"
+             + (f"; results in {outcome.results}" if outcome.results else ""),
+             f"Objectives, lower is better: {', '.join(sweep.objectives)}"
+             + (" (exits.total = exits.vm_total + exits.userspace_total)"
+                if "exits.total" in sweep.objectives else ""),
+             f"Δ% against the base, {outcome.base.name}; a policy is dominated when another is "
+             "at most as high on every objective and lower on one"]
+    return "\n".join(lines)
+
+
+def _table(outcome: Outcome, ranked: list[Ranked], title: str, first: int) -> Table:
+    """Rows numbered from `first`; a dominated row names its dominator by number."""
+    objectives = outcome.sweep.objectives
+    many = len(outcome.sweep.traces) > 1
+    numbers = {r.name: i for i, r in enumerate(outcome.shown, 1)}
+    t = Table(title=f"{title} ({len(ranked)})", title_justify="left", box=box.SIMPLE_HEAD,
+              pad_edge=False)
+    t.add_column("#", justify="right", no_wrap=True)
+    t.add_column("policy", overflow="fold")
+    for key in objectives:
+        t.add_column(header(key), justify="right", no_wrap=True)
+        t.add_column("Δ%", justify="right", no_wrap=True)
+    if many:
+        t.add_column("on the\nfrontier of", justify="right", no_wrap=True)
+    if title == "Dominated":
+        t.add_column("dominated\nby #", justify="right", no_wrap=True)
+    base = outcome.base.values
+    for number, r in enumerate(ranked, first):
+        cells = [str(number), f"{r.name} (base)" if r.is_base else r.name]
+        for key in objectives:
+            cells += [write_value(key)(r.values[key]), percent(r.values[key], base[key])]
+        if many:
+            cells.append(f"{len(r.frontier_traces)} of {len(outcome.sweep.traces)} traces")
+        if r.dominated_by is not None:
+            cells.append(str(numbers[r.dominated_by]))
+        t.add_row(*cells)
+    return t
+
+
+def render_json(outcome: Outcome, width: int = 100) -> str:
+    return outcome.to_json()
+
+
+def render_csv(outcome: Outcome, width: int = 100) -> str:
+    """One row per policy, frontier first: its varied knobs, standing, objectives and deltas."""
+    sweep = outcome.sweep
+    knobs = [v.knob for v in sweep.grid.varies]
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(["policy", *knobs, "base", "on_frontier", "dominated_by", *sweep.objectives,
+                  *(f"delta.{k}" for k in sweep.objectives), "frontier_traces"])
+    for r in outcome.shown:
+        policy = r.policy.knobs()
+        out.writerow([r.name, *(show(policy[k]) for k in knobs), show(r.is_base),
+                      show(r.on_frontier), r.dominated_by or "",
+                      *(r.values[k] for k in sweep.objectives),
+                      *(r.delta[k] for k in sweep.objectives), len(r.frontier_traces)])
+    return buf.getvalue()
+
+
+RENDERERS: dict[str, Callable[[Outcome, int], str]] = {
+    "table": render_table, "json": render_json, "csv": render_csv,
+}
