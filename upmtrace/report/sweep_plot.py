@@ -75,8 +75,8 @@ def _frontier(ax, ranked: list[Ranked], x: list[float], y: list[float]) -> list:
         ax.annotate(", ".join(f"#{n}" for n in at[(px, py)]), (px, py),
                     xytext=(6, 6 if k % 2 == 0 else -14),
                     textcoords="offset points", fontsize=8, color="crimson")
-    return [Line2D([], [], linestyle="none", gid=f"label-{r.name}",
-                   label=f"#{i} {r.name}") for i, r in enumerate(ranked, 1) if r.on_frontier]
+    return [Line2D([], [], linestyle="none", label=f"#{i} {r.name}")
+            for i, r in enumerate(ranked, 1) if r.on_frontier]
 
 
 def _base(ax, base: Ranked, scale: float) -> None:
