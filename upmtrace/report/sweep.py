@@ -9,7 +9,7 @@ from collections.abc import Callable
 from rich import box
 from rich.table import Table
 
-from upmtrace.fleet.sweep import Outcome, Ranked
+from upmtrace.fleet.sweep import EXITS_TOTAL, Outcome
 from upmtrace.report.table import ns, rstrip, show, to_text
 from upmtrace.units import human_bytes
 
@@ -39,13 +39,7 @@ def header(key: str) -> str:
 
 
 def render_table(outcome: Outcome, width: int = 100) -> str:
-    shown = outcome.shown
-    on = [r for r in shown if r.on_frontier]
-    parts = [_head(outcome), _table(outcome, on, "Frontier", 1)]
-    dominated = [r for r in shown if not r.on_frontier]
-    if dominated:
-        parts.append(_table(outcome, dominated, "Dominated", len(on) + 1))
-    return rstrip(to_text(*parts, width=width))
+    return rstrip(to_text(_head(outcome), _table(outcome), width=width))
 
 
 def _head(outcome: Outcome) -> str:
@@ -54,28 +48,28 @@ def _head(outcome: Outcome) -> str:
         trace = sweep.traces[0]
         what = f"{trace} ({outcome.events[trace]:,} events)"
     else:
-        what = (f"{len(sweep.traces)} traces ({sum(outcome.events.values()):,} events), "
+        what = (f"{len(sweep.traces)} traces ({sum(outcome.events.values()):,} events); "
                 "policies ranked by their totals over all traces")
     varied = " x ".join(f"{v.knob} ({', '.join(v.values)})" for v in grid.varies)
-    lines = [f"Sweep of {what}",
-             f"{grid.combinations} combinations of {varied} on {grid.base.name}: "
-             f"{len(grid.policies)} policies replayed"
-             + (f"; results in {outcome.results}" if outcome.results else ""),
-             f"Objectives, lower is better: {', '.join(sweep.objectives)}"
-             + (" (exits.total = exits.vm_total + exits.userspace_total)"
-                if "exits.total" in sweep.objectives else ""),
-             f"Δ% against the base, {outcome.base.name}; a policy is dominated when another is "
-             "at most as high on every objective and lower on one"]
-    return "\n".join(lines)
+    goals = ", ".join(f"{k} (VM + userspace)" if k == EXITS_TOTAL else k
+                      for k in sweep.objectives)
+    return "\n".join([
+        f"Sweep of {what}",
+        f"{grid.combinations} combinations of {varied} on {grid.base.name}: "
+        f"{len(grid.policies)} policies replayed"
+        + (f"; results in {outcome.results}" if outcome.results else ""),
+        f"Objectives, lower is better: {goals}",
+        f"Δ% against the base: {outcome.base.name}",
+        "Dominated: another policy is at most as high on every objective and lower on one"])
 
 
-def _table(outcome: Outcome, ranked: list[Ranked], title: str, first: int) -> Table:
-    """Rows numbered from `first`; a dominated row names its dominator by number."""
-    objectives = outcome.sweep.objectives
+def _table(outcome: Outcome) -> Table:
+    """The frontier, then the dominated, numbered; a dominated row names its dominator's #."""
+    objectives, shown = outcome.sweep.objectives, outcome.shown
     many = len(outcome.sweep.traces) > 1
-    numbers = {r.name: i for i, r in enumerate(outcome.shown, 1)}
-    t = Table(title=f"{title} ({len(ranked)})", title_justify="left", box=box.SIMPLE_HEAD,
-              pad_edge=False)
+    numbers = {r.name: i for i, r in enumerate(shown, 1)}
+    on = [r for r in shown if r.on_frontier]
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     t.add_column("#", justify="right", no_wrap=True)
     t.add_column("policy", overflow="fold")
     for key in objectives:
@@ -83,11 +77,15 @@ def _table(outcome: Outcome, ranked: list[Ranked], title: str, first: int) -> Ta
         t.add_column("Δ%", justify="right", no_wrap=True)
     if many:
         t.add_column("on the\nfrontier of", justify="right", no_wrap=True)
-    if title == "Dominated":
+    if len(on) < len(shown):
         t.add_column("dominated\nby #", justify="right", no_wrap=True)
     base = outcome.base.values
-    for number, r in enumerate(ranked, first):
-        cells = [str(number), f"{r.name} (base)" if r.is_base else r.name]
+    for r in shown:
+        if r is shown[0] or r is shown[len(on)]:
+            t.add_section()
+            t.add_row("", f"Frontier ({len(on)})" if r.on_frontier else
+                      f"Dominated ({len(shown) - len(on)})")
+        cells = [str(numbers[r.name]), f"{r.name} (base)" if r.is_base else r.name]
         for key in objectives:
             cells += [write_value(key)(r.values[key]), percent(r.values[key], base[key])]
         if many:
