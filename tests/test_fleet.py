@@ -374,3 +374,13 @@ def test_fleet_check_refuses_another_fleet_or_a_failed_pair(fleet_dir, tmp_path)
     missing = run_cli("fleet", "check", fleet_dir, "--baseline", tmp_path / "none.json")
     assert error_line(missing) == (f"Error: {tmp_path / 'none.json'}: no such fleet baseline "
                                    "(create it with --update)")
+
+
+def test_every_numeric_report_key_is_a_result_column(fleet_dir):
+    """A key the report gains must become a column (and so a total, and a sweep objective)."""
+    report = replay(read_trace(fleet_dir / "flip-02.parquet"), PRESETS["eager"]).report
+    per_run = ("schema", "trace.", "policy.", "recorded.", "timing.", "cost.by_exit.",
+               "cost.estimate")
+    numeric = {k for k, v in flatten(report) if isinstance(v, int | float)
+               and not isinstance(v, bool) and not k.startswith(per_run)}
+    assert numeric - set(METRICS) == set()
