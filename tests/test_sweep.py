@@ -363,3 +363,14 @@ def test_local_and_dask_results_are_byte_identical(folder, tmp_path, monkeypatch
                          result.output.replace(f"{name}/r.parquet", "R"))
     assert outputs["local"] == outputs["dask"]
     assert "dask-scratch-space" not in os.listdir(tmp_path)
+
+
+def test_costs_reach_every_replay(trace, tmp_path):
+    table = tmp_path / "costs.toml"
+    table.write_text("vm_exit = 0\nuserspace_exit = 0\n")
+    plain = sweep_json(trace, "--vary", "prefault=false,true")
+    free_exits = sweep_json(trace, "--vary", "prefault=false,true", "--costs", table)
+    for a, b in zip(plain["ranked"], free_exits["ranked"], strict=True):
+        by = a["totals"]
+        assert b["totals"]["cost.total_ns"] == by["cost.total_ns"] - (
+            by["cost.by_category.vm_exit"] + by["cost.by_category.userspace_exit"])

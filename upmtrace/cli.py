@@ -620,15 +620,15 @@ def sweep(varies: tuple[str, ...], policy_spec: str, overrides: tuple[str, ...],
     paths, runner = _fleet_setup(traces, output, executor, scheduler, workers)
     request = lib.Sweep(tuple(paths), grid, goals, platform, costs)
     with Progress(len(paths) * len(grid.policies)) as progress:
-        outcome = lib.run_sweep(request, runner, on_row=progress)
+        ranking = lib.run_sweep(request, runner, on_row=progress)
     if output:
-        lib.write_results(outcome, output)
-        outcome = dataclasses.replace(outcome, results=output)
+        lib.write_results(ranking, output)
+        ranking = dataclasses.replace(ranking, results=output)
     if plot:
-        image = render(outcome, plot_fmt, title=f"Sweep of {', '.join(paths)}"
+        image = render(ranking, plot_fmt, title=f"Sweep of {', '.join(paths)}"
                        if len(paths) <= 2 else f"Sweep of {len(paths)} traces")
         write_atomic(plot, lambda f: f.write(image))
-    click.echo(RENDERERS[fmt](outcome, width()), nl=False)
+    click.echo(RENDERERS[fmt](ranking, width()), nl=False)
 
 
 def main() -> None:

@@ -156,7 +156,9 @@ class Ranked:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Ranking:
+    """A sweep's policies with their totals and standing (the frontier, who dominates whom)."""
+
     sweep: Sweep
     events: dict[str, int]  # trace path -> events
     ranked: tuple[Ranked, ...]  # in grid order
@@ -191,7 +193,7 @@ class Outcome:
 
 
 def run_sweep(sweep: Sweep, executor: Executor,
-              on_row: Callable[[dict[str, Any]], None] | None = None) -> Outcome:
+              on_row: Callable[[dict[str, Any]], None] | None = None) -> Ranking:
     """Replay every (trace, policy) pair once; rank the policies. A failed pair is exit 3."""
     policies = sweep.grid.policies
     table = run(Fleet(sweep.traces, policies, sweep.platform, sweep.costs), executor, on_row)
@@ -202,7 +204,7 @@ def run_sweep(sweep: Sweep, executor: Executor,
     return rank(sweep, table)
 
 
-def rank(sweep: Sweep, table: pa.Table) -> Outcome:
+def rank(sweep: Sweep, table: pa.Table) -> Ranking:
     """The policies' totals, frontier and per-trace frontier membership from the pairs' rows."""
     policies, objectives = sweep.grid.policies, sweep.objectives
     summaries = summarize(table, policies).policies
@@ -221,7 +223,7 @@ def rank(sweep: Sweep, table: pa.Table) -> Outcome:
         for i, (p, d) in enumerate(zip(policies, dominators, strict=True)))
     events = dict(zip(table["trace.path"].to_pylist(), table["trace.events"].to_pylist(),
                       strict=True))
-    return Outcome(sweep, events, ranked)
+    return Ranking(sweep, events, ranked)
 
 
 def _means(table: pa.Table, name: str) -> dict[str, float]:
@@ -269,14 +271,14 @@ def results_schema() -> pa.Schema:
         metadata={"upmtrace.results": RESULTS_ID})
 
 
-def results_table(outcome: Outcome) -> pa.Table:
+def results_table(ranking: Ranking) -> pa.Table:
     """One row per policy, in grid order: its knobs, totals over all traces, frontier."""
-    sweep = outcome.sweep
+    sweep = ranking.sweep
     rows = [{"policy.name": r.name, **{f"policy.{k}": v for k, v in r.policy.knobs().items()},
              "base": r.is_base, "traces": len(sweep.traces),
              **{m: r.totals[m] for m in (*METRICS, EXITS_TOTAL)},
              "on_frontier": r.on_frontier, "dominated_by": r.dominated_by,
-             "frontier_traces": list(r.frontier_traces)} for r in outcome.ranked]
+             "frontier_traces": list(r.frontier_traces)} for r in ranking.ranked]
     schema = results_schema().with_metadata({
         "upmtrace.results": RESULTS_ID,
         "upmtrace.objectives": json.dumps(list(sweep.objectives)),
@@ -284,7 +286,7 @@ def results_table(outcome: Outcome) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def write_results(outcome: Outcome, path: str) -> None:
-    table = results_table(outcome)
+def write_results(ranking: Ranking, path: str) -> None:
+    table = results_table(ranking)
     write_atomic(path, lambda f: pq.write_table(table, f))
 

@@ -1,4 +1,4 @@
-"""Renderers of a sweep Outcome: `(outcome, width) -> str`. They format; they compute nothing."""
+"""Renderers of a sweep Ranking: `(ranking, width) -> str`. They format; they compute nothing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable
 from rich import box
 from rich.table import Table
 
-from upmtrace.fleet.sweep import EXITS_TOTAL, Outcome
+from upmtrace.fleet.sweep import EXITS_TOTAL, Ranking
 from upmtrace.report.table import ns, rstrip, show, to_text
 from upmtrace.units import human_bytes
 
@@ -38,17 +38,17 @@ def header(key: str) -> str:
     return f"{section}.\n{rest}" if rest else key
 
 
-def render_table(outcome: Outcome, width: int = 100) -> str:
-    return rstrip(to_text(_head(outcome), _table(outcome), width=width))
+def render_table(ranking: Ranking, width: int = 100) -> str:
+    return rstrip(to_text(_head(ranking), _table(ranking), width=width))
 
 
-def _head(outcome: Outcome) -> str:
-    sweep, grid = outcome.sweep, outcome.sweep.grid
+def _head(ranking: Ranking) -> str:
+    sweep, grid = ranking.sweep, ranking.sweep.grid
     if len(sweep.traces) == 1:
         trace = sweep.traces[0]
-        what = f"{trace} ({outcome.events[trace]:,} events)"
+        what = f"{trace} ({ranking.events[trace]:,} events)"
     else:
-        what = (f"{len(sweep.traces)} traces ({sum(outcome.events.values()):,} events); "
+        what = (f"{len(sweep.traces)} traces ({sum(ranking.events.values()):,} events); "
                 "policies ranked by their totals over all traces")
     varied = " x ".join(f"{v.knob} ({', '.join(v.values)})" for v in grid.varies)
     goals = ", ".join(f"{k} (VM + userspace)" if k == EXITS_TOTAL else k
@@ -57,16 +57,16 @@ def _head(outcome: Outcome) -> str:
         f"Sweep of {what}",
         f"{grid.combinations} combinations of {varied} on {grid.base.name}: "
         f"{len(grid.policies)} policies replayed"
-        + (f"; results in {outcome.results}" if outcome.results else ""),
+        + (f"; results in {ranking.results}" if ranking.results else ""),
         f"Objectives, lower is better: {goals}",
-        f"Δ% against the base: {outcome.base.name}",
+        f"Δ% against the base: {ranking.base.name}",
         "Dominated: another policy is at most as high on every objective and lower on one"])
 
 
-def _table(outcome: Outcome) -> Table:
+def _table(ranking: Ranking) -> Table:
     """The frontier, then the dominated, numbered; a dominated row names its dominator's #."""
-    objectives, shown = outcome.sweep.objectives, outcome.shown
-    many = len(outcome.sweep.traces) > 1
+    objectives, shown = ranking.sweep.objectives, ranking.shown
+    many = len(ranking.sweep.traces) > 1
     numbers = {r.name: i for i, r in enumerate(shown, 1)}
     on = [r for r in shown if r.on_frontier]
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
@@ -79,7 +79,7 @@ def _table(outcome: Outcome) -> Table:
         t.add_column("on the\nfrontier of", justify="right", no_wrap=True)
     if len(on) < len(shown):
         t.add_column("dominated\nby #", justify="right", no_wrap=True)
-    base = outcome.base.values
+    base = ranking.base.values
     for r in shown:
         if r is shown[0] or r is shown[len(on)]:
             t.add_section()
@@ -89,26 +89,26 @@ def _table(outcome: Outcome) -> Table:
         for key in objectives:
             cells += [write_value(key)(r.values[key]), percent(r.values[key], base[key])]
         if many:
-            cells.append(f"{len(r.frontier_traces)} of {len(outcome.sweep.traces)} traces")
+            cells.append(f"{len(r.frontier_traces)} of {len(ranking.sweep.traces)} traces")
         if r.dominated_by is not None:
             cells.append(str(numbers[r.dominated_by]))
         t.add_row(*cells)
     return t
 
 
-def render_json(outcome: Outcome, width: int = 100) -> str:
-    return outcome.to_json()
+def render_json(ranking: Ranking, width: int = 100) -> str:
+    return ranking.to_json()
 
 
-def render_csv(outcome: Outcome, width: int = 100) -> str:
+def render_csv(ranking: Ranking, width: int = 100) -> str:
     """One row per policy, frontier first: its varied knobs, standing, objectives and deltas."""
-    sweep = outcome.sweep
+    sweep = ranking.sweep
     knobs = [v.knob for v in sweep.grid.varies]
     buf = io.StringIO()
     out = csv.writer(buf, lineterminator="\n")
     out.writerow(["policy", *knobs, "base", "on_frontier", "dominated_by", *sweep.objectives,
                   *(f"delta.{k}" for k in sweep.objectives), "frontier_traces"])
-    for r in outcome.shown:
+    for r in ranking.shown:
         policy = r.policy.knobs()
         out.writerow([r.name, *(show(policy[k]) for k in knobs), show(r.is_base),
                       show(r.on_frontier), r.dominated_by or "",
@@ -117,6 +117,6 @@ def render_csv(outcome: Outcome, width: int = 100) -> str:
     return buf.getvalue()
 
 
-RENDERERS: dict[str, Callable[[Outcome, int], str]] = {
+RENDERERS: dict[str, Callable[[Ranking, int], str]] = {
     "table": render_table, "json": render_json, "csv": render_csv,
 }

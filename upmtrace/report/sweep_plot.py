@@ -1,6 +1,6 @@
 """The sweep picture: peak memory against exits, estimated cost as colour, the frontier joined.
 
-Pure: takes a sweep Outcome, returns the image's bytes. matplotlib is imported here, lazily, and
+Pure: takes a sweep Ranking, returns the image's bytes. matplotlib is imported here, lazily, and
 used without pyplot or a display, with report/plot.py's units, metadata and hash salt.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 
 from upmtrace.errors import UsageError
-from upmtrace.fleet.sweep import EXITS_TOTAL, Outcome, Ranked
+from upmtrace.fleet.sweep import EXITS_TOTAL, Ranked, Ranking
 from upmtrace.report.plot import BYTE_UNITS, FORMATS, METADATA, TIME_UNITS, unit
 from upmtrace.report.table import ns
 from upmtrace.units import human_bytes
@@ -25,11 +25,11 @@ def format_of(path: str) -> str:
     return fmt
 
 
-def render(outcome: Outcome, fmt: str = "png", *, title: str = "") -> bytes:
+def render(ranking: Ranking, fmt: str = "png", *, title: str = "") -> bytes:
     import matplotlib
     from matplotlib.figure import Figure
 
-    ranked = outcome.shown
+    ranked = ranking.shown
     mem_unit = unit(max(r.totals[MEMORY] for r in ranked), BYTE_UNITS)
     cost_unit = unit(max(r.totals[COST] for r in ranked), TIME_UNITS)
     with matplotlib.rc_context({"svg.hashsalt": "upmtrace", "font.size": 9}):
@@ -44,7 +44,7 @@ def render(outcome: Outcome, fmt: str = "png", *, title: str = "") -> bytes:
                           zorder=3, gid="policies")
         fig.colorbar(dots, ax=ax, label=f"estimated cost ({cost_unit[0]})")
         names = _frontier(ax, ranked, x, y)
-        _base(ax, outcome.base, mem_unit[1])
+        _base(ax, ranking.base, mem_unit[1])
         ax.set_xlabel(f"peak resident memory ({mem_unit[0]})")
         ax.set_ylabel("exits (VM + userspace)")
         ax.yaxis.set_major_formatter(lambda v, _pos: f"{v:,.0f}")
@@ -53,7 +53,7 @@ def render(outcome: Outcome, fmt: str = "png", *, title: str = "") -> bytes:
         fig.legend(handles=names, loc="outside lower left", ncols=2, fontsize=7,
                    handlelength=0, handletextpad=0, title="frontier", title_fontsize=8,
                    alignment="left")
-        fig.suptitle(_headline(outcome, title), x=0.01, ha="left", fontsize=10)
+        fig.suptitle(_headline(ranking, title), x=0.01, ha="left", fontsize=10)
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, dpi=100, metadata=METADATA[fmt])
     return buf.getvalue()
@@ -85,11 +85,11 @@ def _base(ax, base: Ranked, scale: float) -> None:
                label=f"base: {base.name}", gid="base")
 
 
-def _headline(outcome: Outcome, title: str) -> str:
-    base = outcome.base
-    on = [r for r in outcome.shown if r.on_frontier]
+def _headline(ranking: Ranking, title: str) -> str:
+    base = ranking.base
+    on = [r for r in ranking.shown if r.on_frontier]
     lines = [title] if title else []
-    lines.append(f"{len(on)} of {len(outcome.ranked)} policies on the frontier; base "
+    lines.append(f"{len(on)} of {len(ranking.ranked)} policies on the frontier; base "
                  f"{base.name}:")
     lines.append(f"{human_bytes(base.totals[MEMORY])} peak resident, "
                  f"{base.totals[EXITS_TOTAL]:,} exits, {ns(base.totals[COST])} estimated cost")
