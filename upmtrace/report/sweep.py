@@ -80,8 +80,8 @@ def _table(ranking: Ranking) -> Table:
     if len(on) < len(shown):
         t.add_column("dominated\nby #", justify="right", no_wrap=True)
     base = ranking.base.values
-    for r in shown:
-        if r is shown[0] or r is shown[len(on)]:
+    for i, r in enumerate(shown):
+        if i in (0, len(on)):
             t.add_section()
             t.add_row("", f"Frontier ({len(on)})" if r.on_frontier else
                       f"Dominated ({len(shown) - len(on)})")
