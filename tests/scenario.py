@@ -58,6 +58,15 @@ def replay(*rows: dict, policy: str = "eager", platform: str = "snp", **knobs) -
                               "platform": platform}, None, None))
 
 
+def replay_rows(rows: list[dict], reference: bool, policy: str = "eager",
+                platform: str = "snp", **knobs) -> Result:
+    """Through upmtrace.replay: the row-by-row reference loop or the batch path."""
+    from upmtrace.engine import replay as run
+
+    return run(table(*rows), PRESETS[policy].with_overrides(knobs), platform=platform,
+               reference=reference)
+
+
 def counters(result: Result) -> dict[str, int]:
     """Every integer counter in COUNTER_GROUPS, flattened to dotted keys."""
     flat: dict[str, int] = {}

@@ -80,7 +80,7 @@ class Machine:
             self.inplace_private += moved if private else -moved
             self.grew = True
         if self.lazy:
-            self._unstale(g0, g1, private)
+            self._revive(changed, private)
         return True
 
     def convert(self, g0: int, g1: int, private: bool, explicit: bool) -> None:
@@ -121,15 +121,19 @@ class Machine:
                     added = True
         return added
 
-    def _unstale(self, g0: int, g1: int, side: bool) -> None:
-        """Copies on `side` in the range are live again (reused without allocation)."""
+    def _revive(self, changed: list[tuple[int, int]], side: bool) -> None:
+        """The pages whose attribute just changed to `side`: their copy there is live again
+        (reused without allocation). A stale copy always lies on the side opposite the
+        attribute, so `stale` keyed by gfn names one copy; pages whose attribute did not change
+        keep the stale entry of their other copy, and its age."""
         if not self.stale:
             return
         pages = self.pools[side].pages
-        for b, m in blocks_in(g0, g1, pages):
-            base = b << BLOCK_PAGES_SHIFT
-            for i in iter_bits(pages[b] & m):
-                self.stale.pop(base + i, None)
+        for lo, hi in changed:
+            for b, m in blocks_in(lo, hi, pages):
+                base = b << BLOCK_PAGES_SHIFT
+                for i in iter_bits(pages[b] & m):
+                    self.stale.pop(base + i, None)
 
     def _reclaim(self) -> None:
         limit_pages = self.policy.lazy_limit >> 12
@@ -157,9 +161,10 @@ class Machine:
             else:
                 other = self.pools[not side].pages.get(b, 0)
                 self.duplicate -= (gone & other).bit_count()
-            if self.stale:
+            if self.stale:  # only copies on the side opposite the attribute can be stale
+                attr_private = self.private_bitmap(b, gone)
                 base = b << BLOCK_PAGES_SHIFT
-                for i in iter_bits(gone):
+                for i in iter_bits(gone & (~attr_private if side else attr_private)):
                     self.stale.pop(base + i, None)
             if self.snp and (side is PRIVATE or self.inplace):
                 self._rmp_shared(b, gone)
