@@ -113,8 +113,16 @@ def test_tdx_map_gpa_chunks(gpa, size, mode, exits):
            conversions__to_private_pages=size // (4 * K))
 
 
-def test_map_gpa_on_snp_is_one_vmcall_and_one_exit():
+def test_map_gpa_on_snp_is_one_vmgexit_and_one_exit():
+    """An SNP guest cannot execute VMMCALL: the hypercall reaches KVM through the GHCB."""
     r = replay(memslot(0, 0, 16 * M), map_gpa(0, 5 * M, True))
+    expect(r, exits__userspace__KVM_EXIT_HYPERCALL=1, exits__userspace_total=1,
+           exits__vm__vmgexit=1, exits__vm_total=1, conversions__set_attributes_calls=1,
+           conversions__to_private_pages=5 * M // (4 * K))
+
+
+def test_map_gpa_on_sw_is_one_vmcall_and_one_exit():
+    r = replay(memslot(0, 0, 16 * M), map_gpa(0, 5 * M, True), platform="sw")
     expect(r, exits__userspace__KVM_EXIT_HYPERCALL=1, exits__userspace_total=1,
            exits__vm__vmcall=1, exits__vm_total=1, conversions__set_attributes_calls=1,
            conversions__to_private_pages=5 * M // (4 * K))

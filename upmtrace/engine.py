@@ -229,6 +229,8 @@ class Engine:
                     count["exits.userspace.KVM_EXIT_HYPERCALL"] += 1
                     self.convert_bytes(start, min(BLOCK_SIZE, gpa + size - start), private)
                 return
+        elif self.platform is Platform.SNP:
+            count["exits.vm.vmgexit"] += 1  # the hypercall goes through the GHCB (exit 0x81)
         else:
             count["exits.vm.vmcall"] += 1
         count["exits.userspace.KVM_EXIT_HYPERCALL"] += 1
