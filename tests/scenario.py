@@ -12,7 +12,7 @@ K, M = 1 << 10, 1 << 20
 
 # every integer counter of the report, by section, outside memory/cost/trace/policy
 COUNTER_GROUPS = ("exits", "npf", "conversions", "psc", "gmem", "rmp", "directmap", "mappings",
-                  "host_access")
+                  "host_access", "populate")
 
 
 def table(*rows: dict) -> pa.Table:
@@ -43,6 +43,10 @@ def map_gpa(gpa: int, size: int, private: bool, vcpu: int = 0) -> dict:
 def host(gpa: int, size: int, write: bool = True, agent: str = "virtio") -> dict:
     return {"kind": "host_access", "vcpu": -1, "gpa": gpa, "size": size, "write": write,
             "agent": agent}
+
+
+def populate(gpa: int, size: int) -> dict:
+    return {"kind": "populate", "vcpu": -1, "gpa": gpa, "size": size}
 
 
 def engine(*rows: dict, policy: str = "eager", platform: str = "snp", **knobs) -> Engine:

@@ -6,7 +6,7 @@ import json
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scenario import K, M, attrs, host, map_gpa, memslot, npf, psc, table
+from scenario import K, M, attrs, host, map_gpa, memslot, npf, populate, psc, table
 
 from upmtrace.engine import Engine, iter_rows, replay
 from upmtrace.policy import KNOBS, PRESETS, Policy
@@ -23,6 +23,7 @@ event = st.one_of(
     st.builds(npf, page.map(lambda a: a + 0x10), st.booleans(), st.integers(0, 1)),
     st.builds(map_gpa, page, pages, st.booleans()),
     st.builds(host, page, pages),
+    st.builds(populate, page, pages),
     st.lists(st.builds(psc, st.one_of(page, st.integers(0, 3).map(lambda b: b * 2 * M)),
                        st.sampled_from([4 * K, 8 * K, 2 * M]),
                        st.sampled_from(["private", "shared", "psmash", "unsmash"]),
@@ -104,6 +105,8 @@ def test_every_preset_reports_every_section_6_key():
             "peak_resident_bytes", "peak_shared_bytes", "peak_private_bytes",
             "peak_duplicate_bytes", "final_resident_bytes", "touched_bytes", "ratio_to_touched"}
         assert isinstance(report["memory"]["ratio_to_touched"], float)
+        assert all(isinstance(report["populate"][k], int)
+                   for k in ("calls", "pages", "skipped_pages"))
         assert set(report["cost"]) >= {"total_ns", "by_category"}
         assert isinstance(Policy(**policy.to_json()), Policy)
 

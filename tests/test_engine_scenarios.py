@@ -14,6 +14,7 @@ from scenario import (
     memory,
     memslot,
     npf,
+    populate,
     psc,
     replay,
     replay_rows,
@@ -405,3 +406,90 @@ def test_lazy_set_attributes_that_changes_a_page_back_revives_its_stale_copy():
     eng = engine(*LAZY_REPRO, attrs(4 * K, 4 * K), policy="lazy", lazy_limit=4 * K)
     assert eng.m.stale == {}  # P1 is live again; S1 is not marked (set_attributes frees nothing)
     assert eng.m.pools[True].pages == {0: 0b10} and eng.m.pools[False].pages == {0: 0b10}
+
+
+# --- launch-time population (kvm_gmem_populate) ----------------------------------------------
+
+LAUNCH = [
+    memslot(0, 0, 4 * M), memslot(1, 8 * M, 2 * M, gmem=False),
+    attrs(0, 2 * M),  # block 0 private, block 1 shared
+    populate(0, 16 * K),  # gfn 0-3: four single 4 KiB pages, RMP-private
+    populate(0, 8 * K),  # already resident: nothing to do
+    populate(2 * M - 4 * K, 8 * K),  # gfn 511 populated; gfn 512 is shared: skipped
+    populate(8 * M, 4 * K),  # a slot without guest_memfd: skipped
+    populate(64 * M, 4 * K),  # no slot: skipped
+]
+
+
+@pytest.mark.parametrize("reference", [True, False])
+def test_populate_on_snp_makes_4k_rmp_entries_and_maps_nothing(reference):
+    r = replay_rows([*LAUNCH, npf(0, True)], reference)
+    expect(r, exits__vm__npf=1, exits__vm_total=1, npf__recorded=1,
+           conversions__set_attributes_calls=1, conversions__to_private_pages=512,
+           rmp__updates_4k=5, directmap__splits=1, mappings__4k=1,
+           populate__calls=5, populate__pages=5, populate__skipped_pages=3)
+    mem = memory(r)
+    assert (mem["peak_private"], mem["peak_shared"], mem["touched"]) == (5, 0, 5)
+    assert (mem["pages_allocated"], mem["final_resident"]) == (5, 5)
+
+
+def test_populate_on_tdx_maps_the_pages_so_the_first_access_is_avoided():
+    r = replay(*LAUNCH, npf(0, True), npf(16 * K, True), platform="tdx")
+    expect(r, exits__vm__npf=1, exits__vm_total=1, npf__recorded=2, npf__avoided=1,
+           conversions__set_attributes_calls=1, conversions__to_private_pages=512,
+           mappings__4k=6, populate__calls=5, populate__pages=5, populate__skipped_pages=3)
+    mem = memory(r)
+    assert (mem["peak_private"], mem["pages_allocated"]) == (6, 6)
+
+
+def test_populate_on_sw_maps_nothing():
+    r = replay(*LAUNCH, npf(0, True), platform="sw")
+    expect(r, exits__vm__npf=1, exits__vm_total=1, npf__recorded=1,
+           conversions__set_attributes_calls=1, conversions__to_private_pages=512,
+           mappings__4k=1, populate__calls=5, populate__pages=5, populate__skipped_pages=3)
+    assert memory(r)["peak_private"] == 5
+
+
+def test_populate_allocates_single_pages_even_with_2m_folios_and_keeps_the_block_at_4k():
+    r = replay(*PRIVATE_SLOT, populate(0, 4 * K),
+               npf(4 * K, True),  # the block gets its folio; its RMP entries stay 4 KiB
+               npf(2 * M, True),  # block 1, never populated: 2 MiB folio, entry and mapping
+               policy="hugepool")
+    expect(r, exits__vm__npf=2, exits__vm_total=2, npf__recorded=2,
+           conversions__set_attributes_calls=1, conversions__to_private_pages=1024,
+           rmp__updates_4k=512, rmp__updates_2m=1, directmap__splits=1,
+           mappings__4k=1, mappings__2m=1, populate__calls=1, populate__pages=1)
+    mem = memory(r)
+    assert (mem["peak_private"], mem["pages_allocated"]) == (1024, 1024)
+
+
+def test_a_populated_block_maps_2m_again_after_a_new_2m_rmp_update():
+    r = replay(*PRIVATE_SLOT, populate(0, 4 * K),
+               psc(0, 2 * M, "shared", req=1),  # frees gfn 0: a 4 KiB update back
+               psc(0, 2 * M, "private", req=2),
+               npf(0, True),  # a fresh 2 MiB folio in a wholly shared block: 2 MiB entry
+               gmem_page="2m")
+    expect(r, exits__userspace__KVM_EXIT_HYPERCALL=2, exits__userspace_total=2,
+           exits__vm__npf=1, exits__vm__vmgexit=2, exits__vm_total=3, npf__recorded=1,
+           conversions__set_attributes_calls=3, conversions__to_private_pages=1536,
+           conversions__to_shared_pages=512, psc__requests=2, psc__entries=2,
+           rmp__updates_4k=2, rmp__updates_2m=1, directmap__splits=1, mappings__2m=1,
+           populate__calls=1, populate__pages=1)
+
+
+def test_populate_with_inplace_backing_on_snp():
+    r = replay(*PRIVATE_SLOT, populate(0, 8 * K), npf(0, True), host(0, 4 * K),
+               policy="inplace")
+    expect(r, exits__vm__npf=1, exits__vm_total=1, npf__recorded=1,
+           conversions__set_attributes_calls=1, conversions__to_private_pages=1024,
+           rmp__updates_4k=2, directmap__splits=1, mappings__4k=1,
+           host_access__pages=1, host_access__faults=1,
+           populate__calls=1, populate__pages=2)
+    mem = memory(r)
+    assert (mem["peak_private"], mem["peak_shared"], mem["peak_duplicate"]) == (2, 0, 0)
+
+
+@pytest.mark.parametrize(("mode", "splits"), [("split", 1), ("unmap", 1), ("none", 0)])
+def test_populate_has_the_direct_map_effects_of_a_4k_update(mode, splits):
+    r = replay(*PRIVATE_SLOT, populate(0, 4 * K), populate(2 * M, 4 * K), directmap=mode)
+    assert (r.get("rmp.updates_4k"), r.get("directmap.splits")) == (2, 2 * splits)

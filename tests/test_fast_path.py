@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scenario import K, M, attrs, host, memslot, npf, psc, table
+from scenario import K, M, attrs, host, memslot, npf, populate, psc, table
 from test_engine_properties import policies, valid_slots
 
 import upmtrace.fast
@@ -32,6 +32,7 @@ other = st.one_of(
     st.builds(lambda b, op: [psc(b * 2 * M, 2 * M, op, req=5)], st.integers(0, 1),
               st.sampled_from(["private", "shared", "psmash"])),
     st.builds(host, gfn.map(lambda g: g * 4 * K), st.integers(1, 4).map(lambda n: n * 4 * K)),
+    st.builds(populate, gfn.map(lambda g: g * 4 * K), st.integers(1, 600).map(lambda n: n * 4 * K)),
     st.builds(memslot, st.integers(0, 2), st.integers(0, 2).map(lambda b: b * 2 * M),
               st.integers(0, 3).map(lambda n: n * M), st.booleans()),
 )

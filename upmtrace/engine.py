@@ -72,6 +72,7 @@ class Engine:
             "npf": self.npf,
             "map_gpa": self.map_gpa,
             "host_access": self.host_access,
+            "populate": self.populate,
         }
 
     # --- the loop ---------------------------------------------------------------------------
@@ -260,6 +261,12 @@ class Engine:
                 if mask:
                     m.populate(SHARED, block, mask)
 
+    def populate(self, row: Row) -> None:
+        """Launch-time population of private memory (no exit)."""
+        self.count["populate.calls"] += 1
+        g0 = row[3] >> PAGE_SHIFT
+        self.m.populate_private(g0, g0 + (row[4] >> PAGE_SHIFT))
+
     # --- the report -------------------------------------------------------------------------
 
     def report(self, trace_info: dict[str, Any], recorded: dict | None,
@@ -306,6 +313,7 @@ class Engine:
             "directmap": group("directmap", "splits", "restores"),
             "mappings": group("mappings", "4k", "2m"),
             "host_access": group("host_access", "pages", "stale", "faults"),
+            "populate": group("populate", "calls", "pages", "skipped_pages"),
             "cost": {"total_ns": total, "by_category": by_category, "estimate": True},
             "recorded": recorded or {},
         }

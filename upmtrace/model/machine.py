@@ -203,6 +203,30 @@ class Machine:
         """Single 4 KiB pages (host population): no folio."""
         self._allocated(side, block, self.pools[side].add(block, mask))
 
+    def populate_private(self, g0: int, g1: int) -> None:
+        """kvm_gmem_populate over [g0, g1) (launch images): private pages of guest_memfd slots
+        not yet resident become single 4 KiB pages; other pages are refused and skipped."""
+        slots = [s for s in self.slots.overlapping(g0, g1) if s.gmem]
+        self.check_populate_limit("populate", g0, g1, slots)
+        eligible = 0
+        for slot in slots:
+            for block, mask in block_spans(max(g0, slot.start), min(g1, slot.end)):
+                private = self.private_bitmap(block, mask)
+                eligible += private.bit_count()
+                new = self.pools[PRIVATE].add(block, private)
+                if new:
+                    self._populated(block, new)
+        self.count["populate.skipped_pages"] += (g1 - g0) - eligible
+
+    def _populated(self, block: int, new: int) -> None:
+        self._allocated(PRIVATE, block, new)
+        self.count["populate.pages"] += new.bit_count()
+        if self.snp and self.rmp.make_private_launch(block, new):
+            self.directmap.on_rmp_update(block, True, False, self.rmp.private_bitmap(block))
+        elif self.tdx:  # added to the Secure EPT: mapped private at 4 KiB
+            self.maps.map_small(block, new, PRIVATE)
+            self.count["mappings.4k"] += new.bit_count()
+
     def _page_size_2m(self, private: bool, slot: Slot) -> bool:
         pol = self.policy
         if private or (self.inplace and slot.gmem):
