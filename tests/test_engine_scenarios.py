@@ -493,3 +493,23 @@ def test_populate_with_inplace_backing_on_snp():
 def test_populate_has_the_direct_map_effects_of_a_4k_update(mode, splits):
     r = replay(*PRIVATE_SLOT, populate(0, 4 * K), populate(2 * M, 4 * K), directmap=mode)
     assert (r.get("rmp.updates_4k"), r.get("directmap.splits")) == (2, 2 * splits)
+
+
+# --- inplace and the RMP ---------------------------------------------------------------------
+
+def test_inplace_set_attributes_leaves_the_rmp_and_a_conversion_to_shared_updates_it_back():
+    rows = [*PRIVATE_SLOT, npf(0, True),  # R0 allocated, RMP-private when mapped
+            attrs(0, 4 * K, private=False)]  # the attribute flips; the RMP entry stays
+    eng = engine(*rows, policy="inplace")
+    assert eng.m.rmp.private == {0: 0b1} and eng.m.rmp.updates_4k == 1
+    rows.append(psc(0, 8 * K, "shared"))  # gfn 0 keeps its attribute, yet goes back
+    r = replay(*rows, policy="inplace")
+    expect(r, exits__userspace__KVM_EXIT_HYPERCALL=1, exits__userspace_total=1,
+           exits__vm__npf=1, exits__vm__vmgexit=1, exits__vm_total=2, npf__recorded=1,
+           conversions__set_attributes_calls=3, conversions__to_private_pages=1024,
+           conversions__to_shared_pages=2, psc__requests=1, psc__entries=1,
+           rmp__updates_4k=2, directmap__splits=1, mappings__4k=1)
+    eng = engine(*rows, policy="inplace")
+    assert eng.m.rmp.private == {}
+    mem = memory(r)
+    assert (mem["final_resident"], mem["peak_private"], mem["pages_freed"]) == (1, 1, 0)
