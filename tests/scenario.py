@@ -12,7 +12,7 @@ K, M = 1 << 10, 1 << 20
 
 # every integer counter of the report, by section, outside memory/cost/trace/policy
 COUNTER_GROUPS = ("exits", "npf", "conversions", "psc", "gmem", "rmp", "directmap", "mappings",
-                  "host_access", "populate")
+                  "host_access", "populate", "vfio")
 
 
 def table(*rows: dict) -> pa.Table:

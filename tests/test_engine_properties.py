@@ -57,12 +57,13 @@ def valid_slots(rows):
 
 
 policies = st.builds(
-    lambda base, dealloc, limit, gmem, shared, dm, prefault: PRESETS[base].with_overrides(
+    lambda base, dealloc, limit, gmem, shared, dm, prefault, vfio: PRESETS[base].with_overrides(
         {"dealloc": dealloc, "lazy_limit": limit, "gmem_page": gmem, "shared_page": shared,
-         "directmap": dm, "prefault": prefault}),
+         "directmap": dm, "prefault": prefault, "vfio": vfio}),
     st.sampled_from(sorted(PRESETS)), st.sampled_from(KNOBS["dealloc"][0]),
     st.sampled_from([0, 4 * K, 64 * K]), st.sampled_from(["4k", "2m"]),
-    st.sampled_from(["4k", "2m"]), st.sampled_from(KNOBS["directmap"][0]), st.booleans())
+    st.sampled_from(["4k", "2m"]), st.sampled_from(KNOBS["directmap"][0]), st.booleans(),
+    st.sampled_from(KNOBS["vfio"][0]))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -112,13 +113,14 @@ def test_every_preset_reports_every_section_6_key():
 
 
 class StaleShadow:
-    """SPEC's definition of a stale copy, recomputed page by page beside a lazy Machine.
+    """The definition of a stale copy (lazy dealloc), recomputed page by page beside a Machine.
 
     A conversion to p leaves every resident copy on the other side of its range stale with the
-    conversion's age (an already-stale copy keeps its age); a page whose attribute changes to p
-    has its copy on side p live again (set_attributes rows included); a freed copy is no longer
-    stale; when a conversion added stale copies and they exceed lazy_limit, the oldest (lowest
-    age, then lowest gfn) are freed.
+    conversion's age (an already-stale copy keeps its age; a copy pinned for DMA is not stale:
+    it cannot be discarded); a page whose attribute changes to p has its copy on side p live
+    again (set_attributes rows included); a freed copy is no longer stale; when a conversion
+    added stale copies and they exceed lazy_limit, the oldest (lowest age, then lowest gfn) are
+    freed.
     """
 
     def __init__(self, eng: Engine) -> None:
@@ -130,6 +132,10 @@ class StaleShadow:
 
     def resident(self, side: bool, gfn: int) -> bool:
         return self.m.pools[side].resident(gfn >> 9, 1 << (gfn & 511))
+
+    def pinned(self, side: bool, gfn: int) -> bool:
+        """After the conversion's DMA unmap: only a shared copy can be pinned."""
+        return side is False and self.m.vfio.bitmap(gfn >> 9) >> (gfn & 511) & 1 == 1
 
     def on_set_attributes(self, g0: int, g1: int, private: bool) -> bool:
         before = [self.m.attrs.is_private(g) for g in range(g0, g1)]
@@ -144,6 +150,7 @@ class StaleShadow:
         old = not private
         left = [g for g in range(g0, g1) if self.resident(old, g)]
         self.convert(g0, g1, private, explicit)
+        left = [g for g in left if not self.pinned(old, g)]  # pinned when dealloc ran
         if not (self.m.lazy and not self.m.inplace):
             return
         added = False
@@ -165,10 +172,11 @@ class StaleShadow:
 
 
 lazy_policies = st.builds(
-    lambda limit, gmem, shared, prefault: PRESETS["lazy"].with_overrides(
-        {"lazy_limit": limit, "gmem_page": gmem, "shared_page": shared, "prefault": prefault}),
+    lambda limit, gmem, shared, prefault, vfio: PRESETS["lazy"].with_overrides(
+        {"lazy_limit": limit, "gmem_page": gmem, "shared_page": shared, "prefault": prefault,
+         "vfio": vfio}),
     st.sampled_from([0, 4 * K, 8 * K, 64 * K]), st.sampled_from(["4k", "2m"]),
-    st.sampled_from(["4k", "2m"]), st.booleans())
+    st.sampled_from(["4k", "2m"]), st.booleans(), st.sampled_from(KNOBS["vfio"][0]))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

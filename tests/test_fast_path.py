@@ -12,7 +12,7 @@ from test_engine_properties import policies, valid_slots
 
 import upmtrace.fast
 from upmtrace.engine import replay
-from upmtrace.policy import PRESETS
+from upmtrace.policy import KNOBS, PRESETS
 from upmtrace.timeline import Timeline
 from upmtrace.trace.io import read_trace
 from upmtrace.trace.synth import WORKLOADS, synthesize
@@ -67,11 +67,13 @@ def monkeypatch_module():
         yield mp
 
 
+@pytest.mark.parametrize("vfio", KNOBS["vfio"][0])
 @pytest.mark.parametrize("workload", sorted(WORKLOADS))
-def test_every_workload_under_every_preset(workload):
+def test_every_workload_under_every_preset(workload, vfio):
     """The shipped samples' workloads, synthesised at 256 MiB to keep the suite quick."""
     synth = synthesize(workload, memory=256 * M, vcpus=2, seed=1, platform=None)
-    for policy in PRESETS.values():
+    for preset in PRESETS.values():
+        policy = preset.with_overrides({"vfio": vfio})
         ref = replay(synth.table, policy, platform=synth.platform, reference=True).to_json()
         assert replay(synth.table, policy, platform=synth.platform).to_json() == ref, policy.name
 
