@@ -171,9 +171,10 @@ class Machine:
 
     def _mark_stale(self, g0: int, g1: int, side: bool) -> bool:
         pages, added, age = self.pools[side].pages, False, self.conversions
+        pinned = self.vfio.pinned if side is SHARED else {}  # pinned: never reclaimed
         for b, m in blocks_in(g0, g1, pages):
             base = b << BLOCK_PAGES_SHIFT
-            for i in iter_bits(pages[b] & m & ~self.vfio.bitmap(b)):  # pinned: never reclaimed
+            for i in iter_bits(pages[b] & m & ~pinned.get(b, 0)):
                 gfn = base + i
                 if gfn not in self.stale:
                     self.stale[gfn] = age
@@ -420,10 +421,9 @@ class Machine:
             side = not self.attrs.is_private(gfn)
             bit = 1 << (gfn & BLOCK_MASK)
             assert self.pools[side].resident(gfn >> BLOCK_PAGES_SHIFT, bit), f"stale {gfn} gone"
+            pinned = self.vfio.bitmap(gfn >> BLOCK_PAGES_SHIFT) & bit
+            assert side is PRIVATE or not pinned, f"stale shared copy {gfn} is pinned"
         if self.snp and not self.inplace:
             assert self.rmp.private == self.pools[PRIVATE].pages, "RMP-private != guest_memfd"
         assert sum(m.bit_count() for m in self.touched.values()) == self.touched_pages
         self.vfio.check_invariants(self.pools[SHARED].pages)
-        for gfn in self.stale:
-            assert not self.vfio.bitmap(gfn >> BLOCK_PAGES_SHIFT) >> (gfn & BLOCK_MASK) & 1, \
-                f"stale copy {gfn} is pinned"
