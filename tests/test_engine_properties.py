@@ -108,6 +108,9 @@ def test_every_preset_reports_every_section_6_key():
         assert isinstance(report["memory"]["ratio_to_touched"], float)
         assert all(isinstance(report["populate"][k], int)
                    for k in ("calls", "pages", "skipped_pages"))
+        assert all(isinstance(report["vfio"][k], int) for k in (
+            "dma_map_calls", "dma_unmap_calls", "pinned_peak_bytes", "pinned_final_bytes"))
+        assert policy.vfio == "none"  # no preset has an assigned device
         assert set(report["cost"]) >= {"total_ns", "by_category"}
         assert isinstance(Policy(**policy.to_json()), Policy)
 
