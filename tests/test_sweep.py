@@ -160,7 +160,7 @@ def test_a_size_knob_takes_sizes(trace, tmp_path):
      "Error: --vary 'dealloc=eager,,lazy': an empty value between commas"),
     (["--vary", "colour=red,blue"],
      "Error: --vary 'colour=red,blue': unknown policy knob 'colour' (knobs: dealloc, "
-     "lazy_limit, backing, exits, directmap, gmem_page, shared_page, prefault)"),
+     "lazy_limit, backing, exits, directmap, gmem_page, shared_page, prefault, vfio)"),
     (["--vary", "dealloc=eager,fast"],
      "Error: --vary 'dealloc=eager,fast': policy knob 'dealloc' cannot be 'fast' (one of "
      "eager, lazy, aligned-2m)"),
@@ -237,6 +237,23 @@ def test_the_table_shows_the_frontier_then_the_dominated_with_their_dominator(tr
         if not r["on_frontier"]:
             assert line.split()[-1] == str(number[r["dominated_by"]])
     assert f"{doc['base']} (base)" in text
+
+
+def test_vfio_is_a_knob_like_any_other(trace):
+    doc = sweep_json(trace, "--vary", "vfio=none,pin-all,on-convert", "--vary",
+                     "prefault=false,true", "--objective", "vfio.pinned_peak_bytes",
+                     "--objective", "exits.total")
+    pinned = {(r["policy"]["vfio"], r["policy"]["prefault"]): r["objectives"][
+        "vfio.pinned_peak_bytes"] for r in doc["ranked"]}
+    assert doc["policies"] == 6 and {n for n, _ in pinned} == {"none", "pin-all", "on-convert"}
+    # nothing pinned without a device; pinning every slot whole pins the most
+    assert pinned["none", False] == pinned["none", True] == 0
+    assert pinned["pin-all", False] > pinned["on-convert", False] > 0
+    points = {r["name"]: tuple(r["objectives"].values()) for r in doc["ranked"]}
+    for r in doc["ranked"]:
+        assert r["on_frontier"] == (not any(brute_dominates(p, points[r["name"]])
+                                            for p in points.values()))
+    assert "eager+vfio=pin-all+prefault=true" in points
 
 
 def test_objectives_replace_the_defaults(trace):

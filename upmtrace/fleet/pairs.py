@@ -49,6 +49,9 @@ METRICS: tuple[str, ...] = (
     "directmap.splits", "directmap.restores",
     "mappings.4k", "mappings.2m",
     "host_access.pages", "host_access.stale", "host_access.faults",
+    "populate.calls", "populate.pages", "populate.skipped_pages",
+    "vfio.dma_map_calls", "vfio.dma_unmap_calls", "vfio.pinned_peak_bytes",
+    "vfio.pinned_final_bytes", "vfio.pages_pinned",
     "cost.total_ns", *(f"cost.by_category.{name}" for name in COSTS),
 )
 FLOATS = frozenset({"memory.ratio_to_touched"})
