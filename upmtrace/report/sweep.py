@@ -33,7 +33,7 @@ def percent(value: int | float, base: int | float) -> str:
 
 
 def header(key: str) -> str:
-    """A report key as a column header, broken after its section: `memory.\npeak_..._bytes`."""
+    """A report key as a column header on two lines: its section, then the rest of the key."""
     section, _, rest = key.partition(".")
     return f"{section}.\n{rest}" if rest else key
 
