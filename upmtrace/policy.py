@@ -1,4 +1,4 @@
-"""VMM/kernel policies (SPEC.md section 4): the knobs, the presets, TOML files, --set overrides."""
+"""VMM/kernel policies (docs/model.md): the knobs, the presets, TOML files, --set overrides."""
 
 from __future__ import annotations
 
