@@ -133,6 +133,29 @@ def test_compare_and_fleet_envelopes_are_documented(tmp_path):
     assert not missing, f"envelope keys without an entry in docs/report.md: {missing}"
 
 
+def test_model_md_states_a_rule_for_every_kind_and_knob():
+    from upmtrace.policy import KNOBS
+    from upmtrace.trace.schema import Kind
+
+    text = (DOCS / "model.md").read_text(encoding="utf-8")
+    headings = re.findall(r"^## (.+)$", text, flags=re.M)
+    for kind in Kind:
+        assert any(h.split(":")[0].strip() == kind.value for h in headings), kind.value
+    for knob in KNOBS:
+        assert f"`{knob}`" in text, knob
+    assert "## Not modelled" in text
+
+
+def test_format_md_describes_every_column_and_kind():
+    from upmtrace.trace.schema import SCHEMA, Kind
+
+    text = (DOCS / "format.md").read_text(encoding="utf-8")
+    for name in SCHEMA.names:
+        assert f"| `{name}` |" in text, name
+    for kind in Kind:
+        assert f"| `{kind.value}` |" in text, kind.value
+
+
 # --- docs/cli.md is generated ------------------------------------------------------------------
 
 
