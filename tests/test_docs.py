@@ -74,6 +74,75 @@ def test_every_report_key_of_every_sample_under_every_preset_is_documented(sampl
     assert not missing, f"keys without an entry in docs/report.md: {missing}"
 
 
+def moved_by() -> dict[str, set[str]]:
+    """report.md's "moved by" column: key -> the knobs it lists (empty for "—")."""
+    found: dict[str, set[str] | str] = {}
+    for line in (DOCS / "report.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        key = re.fullmatch(r"`([\w.]+)`", cells[0]) if len(cells) >= 3 else None
+        if key is None:
+            continue
+        last = cells[-1]
+        if last == "—":
+            found[key.group(1)] = set()
+        elif re.fullmatch(r"`\w+`(, `\w+`)*", last):
+            found[key.group(1)] = set(re.findall(r"`(\w+)`", last))
+        elif same := re.fullmatch(r"as `([\w.]+)`", last):
+            found[key.group(1)] = same.group(1)
+    return {k: found[v] if isinstance(v, str) else v for k, v in found.items()}
+
+
+def one_knob_variants():
+    """(base, variant) pairs differing in one knob, from eager and from 2 MiB guest_memfd."""
+    from upmtrace.policy import KNOBS, Policy
+
+    pairs = []
+    for base in (Policy(), Policy(gmem_page="2m")):
+        for knob, (values, _meaning) in KNOBS.items():
+            choices = {"prefault": (True,), "lazy_limit": ()}.get(knob, values)
+            for value in choices if isinstance(choices, tuple) else ():
+                if value != getattr(base, knob):
+                    pairs.append((base, base.with_overrides({knob: value})))
+    lazy = Policy(dealloc="lazy")
+    pairs.append((lazy, lazy.with_overrides({"lazy_limit": 1 << 22})))
+    return pairs
+
+
+@pytest.mark.parametrize("workload", ["snp-boot", "lazy-accept", "dma-churn", "tdx-boot",
+                                      "implicit"])
+def test_only_the_knobs_report_md_names_move_a_key(workload):
+    """Change one knob at a time: every key that changes must name that knob in report.md."""
+    from upmtrace.policy import KNOBS
+    from upmtrace.trace.synth import synthesize
+
+    made = synthesize(workload, memory=256 << 20, vcpus=2, seed=1)
+    listed = moved_by()
+    assert len(listed) > 40
+    reports: dict = {}
+
+    def flat(policy):
+        if policy not in reports:
+            report = replay(made.table, policy, platform=made.platform).report
+            reports[policy] = {".".join(p): v for p in flatten(report)
+                               for v in [_get(report, p)]}
+        return reports[policy]
+
+    wrong = set()
+    for base, variant in one_knob_variants():
+        knob = next(k for k in KNOBS if getattr(base, k) != getattr(variant, k))
+        before, after = flat(base), flat(variant)
+        for key, knobs in listed.items():
+            if key in before and before[key] != after.get(key) and knob not in knobs:
+                wrong.add(f"{key} moved by {knob} ({base.name} -> {variant.to_json()})")
+    assert not wrong, "report.md's 'moved by' misses:\n" + "\n".join(sorted(wrong))
+
+
+def _get(report: dict, path: tuple[str, ...]):
+    for part in path:
+        report = report[part]
+    return report
+
+
 def test_samples_are_there():
     assert len(SAMPLES) >= 5
 
