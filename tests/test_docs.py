@@ -181,7 +181,12 @@ def _schema_names() -> list[str]:
 
 
 def test_compare_and_fleet_envelopes_are_documented(tmp_path):
-    sample = str(ROOT / "traces" / "implicit-1g.parquet")
+    from upmtrace.trace.io import write_trace
+    from upmtrace.trace.synth import synthesize
+
+    made = synthesize("implicit", memory=256 << 20, vcpus=1, seed=1)
+    sample = str(tmp_path / "t.parquet")
+    write_trace(made.table.slice(0, 5000), sample, platform=made.platform)
     runner = CliRunner()
     out = runner.invoke(cli, ["compare", sample, "--policy", "eager", "--policy", "lazy",
                               "--format", "json"])
