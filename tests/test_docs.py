@@ -20,10 +20,16 @@ from upmtrace.trace.io import read_trace
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 SAMPLES = sorted((ROOT / "traces").glob("*.parquet"))
-# Objects whose keys are data (exit reasons, vCPU numbers, recorded paths), not names: the docs
-# describe them with a placeholder segment.
-PLACEHOLDERS = {("timing",): "REASON", ("cost", "by_exit"): "REASON", ("by_vcpu",): "VCPU",
-                ("recorded",): "KEY"}
+# Objects whose keys are data (exit reasons, vCPU numbers, kinds, recorded paths), not names: the
+# docs describe them with an upper-case placeholder segment; None keeps the segment as it is.
+PLACEHOLDERS = (
+    ("timing", None, "REASON"),
+    ("cost", "by_exit", "REASON"),
+    ("by_vcpu", "VCPU", "events", "KIND"),
+    ("by_vcpu", "VCPU", "timing", "GROUP", "REASON"),
+    ("by_vcpu", "VCPU"),
+    ("recorded", "KEY"),
+)
 
 
 @cache
@@ -43,11 +49,16 @@ def flatten(node, prefix: tuple[str, ...] = ()):
 
 
 def normalise(path: tuple[str, ...]) -> tuple[str, ...]:
-    for head, placeholder in PLACEHOLDERS.items():
-        if path[:len(head)] == head and len(path) > len(head):
-            if head == ("recorded",):
-                return (*head, placeholder)  # recorded counts use the report's own key paths
-            return (*head, placeholder, *path[len(head) + 1:])
+    """The documented form of a key path: data segments replaced by their placeholder."""
+    for pattern in PLACEHOLDERS:
+        literal = [(i, p) for i, p in enumerate(pattern) if p is not None and not p.isupper()]
+        if len(path) < len(pattern) or any(path[i] != p for i, p in literal):
+            continue
+        if pattern[0] == "recorded":
+            return pattern  # recorded counts use the report's own key paths
+        head = tuple(p if p is not None and p.isupper() else path[i]
+                     for i, p in enumerate(pattern))
+        return head + path[len(pattern):]
     return path
 
 
