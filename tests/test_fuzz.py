@@ -1,4 +1,4 @@
-"""Fuzzing (issue 7): random bytes at every trace reader and at the importer, random well-typed
+"""Fuzzing: random bytes at every trace reader and at the importer, random well-typed
 tables through validation into the engine with every invariant checked after every event.
 Only the clean UpmtraceError may come out; what is accepted must be a valid trace.
 

@@ -1,4 +1,4 @@
-"""Every command faced with bad input (issue 7): exit 3 (2 for usage), one exact `Error:` line
+"""Every command faced with bad input: exit 3 (2 for usage), one exact `Error:` line
 naming the file (row and column where they apply), no traceback, and every output file that
 existed before the run byte-for-byte untouched, with no temporary file left beside it.
 

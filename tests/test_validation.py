@@ -1,4 +1,4 @@
-"""SPEC.md section 2 validation through `upmtrace info`: exit 3, one exact line, no traceback."""
+"""Trace validation (docs/format.md) via `upmtrace info`: exit 3, one exact line, no traceback."""
 
 from __future__ import annotations
 

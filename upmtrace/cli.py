@@ -213,7 +213,7 @@ def emit(text: str, output: str | None) -> None:
 @click.option("--platform", type=PLATFORM, default=None,
               help="Override the trace's platform (default: its metadata, else snp).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
-              show_default=True, help="Output format; json is the section 6 report.")
+              show_default=True, help="Output format; json is the report of docs/report.md.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Write the report to FILE (atomically) instead of stdout.")
 @click.option("--timeline", type=click.Path(dir_okay=False), default=None,
@@ -265,7 +265,7 @@ def policies() -> None:
 @click.option("--platform", type=PLATFORM, default=None,
               help="Override the trace's platform (default: its metadata, else snp).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
-              show_default=True, help="Output format; json holds every section 6 report.")
+              show_default=True, help="Output format; json holds every report (docs/report.md).")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Write the comparison to FILE (atomically) instead of stdout.")
 def compare(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...],

@@ -1,4 +1,4 @@
-"""Read and write traces (SPEC.md section 2) in Parquet, Arrow IPC, JSON Lines and CSV.
+"""Read and write traces (docs/format.md) in Parquet, Arrow IPC, JSON Lines and CSV.
 
 Every reader returns a table on exactly SCHEMA (see cast.py), validated (see validate.py); every
 writer is atomic (a temporary file in the same directory, then os.replace).

@@ -1,4 +1,4 @@
-"""Trace format version 1 (SPEC.md section 2): the one declared Arrow schema and its constants."""
+"""Trace format version 1 (docs/format.md): the one declared Arrow schema and its constants."""
 
 from __future__ import annotations
 

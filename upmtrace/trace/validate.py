@@ -1,4 +1,4 @@
-"""SPEC.md section 2 validation of a SCHEMA table, vectorised; the earliest bad row is reported.
+"""Validation (docs/format.md) of a SCHEMA table, vectorised; the earliest bad row is reported.
 
 Each rule looks at the whole table and returns its first offending index with a message; the
 earliest index wins, and on one row the rule listed first wins.
@@ -83,7 +83,7 @@ class Carry:
 
 def validate(table: pa.Table, *, path: str | None = None, rows: Rows | None = None,
              carry: Carry | None = None) -> None:
-    """Raise TraceError for the earliest row of a SCHEMA table that breaks SPEC.md section 2.
+    """Raise TraceError for the earliest row of a SCHEMA table that breaks docs/format.md.
 
     A trace read in batches passes the same `carry` with each batch, in order.
     """

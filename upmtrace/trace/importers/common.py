@@ -141,7 +141,7 @@ class Clock:
 
 @dataclass
 class Tally:
-    """Lines read, lines skipped by reason, recorded counts (dotted SPEC section 6 keys)."""
+    """Lines read, lines skipped by reason, recorded counts (dotted report keys, docs/report.md)."""
 
     skipped: Counter[str] = field(default_factory=Counter)
     recorded: Counter[str] = field(default_factory=Counter)

@@ -1,4 +1,4 @@
-"""Deterministic synthetic workloads (SPEC.md section 3, `upmtrace synth`).
+"""Deterministic synthetic workloads (`upmtrace synth`).
 
 `synthesize(name, memory=..., vcpus=..., seed=..., platform=...)` returns a `Synth` whose table
 conforms to the trace schema, rows in replay order. The same arguments give the same table, and
