@@ -189,6 +189,10 @@ def attributes_row(ts: int, gpa: int, size: int, private: bool) -> Row:
     return (ts, "set_attributes", HOST, gpa, size, private, None, None, None, None, None)
 
 
+def populate_row(ts: int, gpa: int, size: int) -> Row:
+    return (ts, "populate", HOST, gpa, size, None, None, None, None, None, None)
+
+
 def to_batch(rows: list[Row]) -> pa.RecordBatch:
     """Rows as one record batch on exactly SCHEMA (canonical dictionaries)."""
     if any(len(row) > ROW_WIDTH for row in rows):
