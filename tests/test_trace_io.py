@@ -425,3 +425,21 @@ def test_hypothesis_metadata_round_trip(table, source, platform, latency):
             trace = read_trace(path)
             assert trace.table.equals(table), ext
             assert (trace.platform, trace.source) == (platform, source), ext
+
+
+@pytest.mark.parametrize("name,data,message", [
+    ("t.csv", b"#\xff\nts,kind\n", r"/t\.csv: a comment line is not valid UTF-8$"),
+    ("t.csv", b"# upmtrace.platform=tdx\n", r"/t\.csv: not a readable CSV file \(Empty CSV"),
+    ("t.csv", b"#" * (1 << 20) + b"\nts,kind\n", r"/t\.csv: a comment line longer than 1 MiB$"),
+])
+def test_hostile_metadata_lines_are_one_error(tmp_path, name, data, message):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(TraceError, match=message):
+        read_trace(tmp_path / name)
+
+
+def test_odd_jsonl_metadata_keys_are_ignored(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"upmtrace": {"\\ud800": "\\udc00", "platform": "tdx", '
+                                      '"colour": "red"}}\n')
+    trace = read_trace(tmp_path / "t.jsonl")
+    assert (trace.platform, trace.events) == (Platform.TDX, 0)

@@ -137,7 +137,8 @@ def from_jsonl(record: dict, path: str, line: int) -> dict[bytes, bytes]:
         if not isinstance(value, str):
             raise TraceError(f"{PREFIX}{key} must be a string", path=path, row=line,
                              column=JSONL_KEY)
-        raw[(PREFIX + key).encode()] = value.encode("utf-8", "surrogatepass")
+        raw[(PREFIX + key).encode("utf-8", "surrogatepass")] = \
+            value.encode("utf-8", "surrogatepass")
     return raw
 
 
