@@ -55,6 +55,7 @@ SCHEMA = pa.schema(
         pa.field("req", pa.int64()),
         pa.field("op", pa.dictionary(pa.int8(), pa.string())),
         pa.field("agent", pa.dictionary(pa.int8(), pa.string())),
+        pa.field("latency", pa.int64()),  # format 1.1: recorded exit-to-entry ns, optional
     ]
 )
 
