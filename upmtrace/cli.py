@@ -220,9 +220,11 @@ def emit(text: str, output: str | None) -> None:
 @click.option("--timeline-rows", type=click.IntRange(1), default=1000, show_default=True,
               help="At most this many timeline samples (plus the final state).")
 @click.option("--paranoid", is_flag=True, help="Check every model invariant after every event.")
+@click.option("--by-vcpu", is_flag=True,
+              help="Break events and recorded exit time down per vCPU (JSON: by_vcpu).")
 def replay(trace: str, policy_spec: str, overrides: tuple[str, ...], costs_file: str | None,
            platform: str | None, fmt: str, output: str | None, timeline: str | None,
-           timeline_rows: int, paranoid: bool) -> None:
+           timeline_rows: int, paranoid: bool, by_vcpu: bool) -> None:
     """Replay TRACE under a policy and report exits, memory and direct-map cost."""
     from upmtrace.costs import load_costs
     from upmtrace.engine import replay as run
@@ -240,7 +242,7 @@ def replay(trace: str, policy_spec: str, overrides: tuple[str, ...], costs_file:
     sampler = Timeline.over(loaded, timeline_rows) if timeline else None
     with progress(loaded.events) as advance:
         result = run(tracked(loaded, advance), policy, costs=costs, paranoid=paranoid,
-                     timeline=sampler)
+                     timeline=sampler, by_vcpu=by_vcpu)
     if sampler:
         sampler.write(timeline)
     emit(RENDERERS[fmt](result, width()), output)

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 from upmtrace.trace.importers.common import (
     COMMENT,
-    LATENCY,
     INT32_MAX,
+    LATENCY,
     UNRECOGNISED,
     Context,
     Row,

@@ -12,8 +12,8 @@ thread (a vCPU is one thread; numbering vCPUs by thread also keeps two VMs in on
   to its next kvm_userspace_exit, when KVM_RUN returned again without entering, e.g. `restart`):
   it is the time the VMM held the vCPU. Userspace exits have no rows: their latencies go to the
   recorded distributions, by exit name.
-- Not guessed: an exit still waiting for its entry when the log ends, or followed by another
-  kvm_exit of the same thread (lost events), is counted in `exits_unmatched` by reason; a
+- Not guessed: an exit (VM or userspace) still waiting for its entry when the log ends, or
+  followed by another kvm_exit of the same thread (its entry was lost), is counted in `exits_unmatched` by reason; a
   kvm_entry with no kvm_exit before it (the log began while the vCPU was out of the guest, or
   its first KVM_RUN) is counted as `exits_unmatched.entries_without_exit`.
 """
@@ -109,15 +109,14 @@ class Pairing:
             self.recorded[f"exits_unmatched.{state.reason[0]}.{state.reason[1]}"] += 1
             if state.row is not None:
                 self.sink.resolve(state.row, None)
-        state.exit_ts = state.reason = state.row = None
+        if state.user is not None:
+            self.recorded[f"exits_unmatched.{state.user[0]}.{state.user[1]}"] += 1
+        state.exit_ts = state.reason = state.row = state.user = state.user_ts = None
 
     def end(self) -> None:
         """The end of a log: every open exit is unmatched."""
         for state in self.threads.values():
             self.unmatched(state)
-            if state.user is not None:
-                self.recorded[f"exits_unmatched.{state.user[0]}.{state.user[1]}"] += 1
-                state.user = state.user_ts = None
         self.threads.clear()
 
     def tree(self) -> dict:
