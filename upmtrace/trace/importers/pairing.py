@@ -13,9 +13,10 @@ thread (a vCPU is one thread; numbering vCPUs by thread also keeps two VMs in on
   it is the time the VMM held the vCPU. Userspace exits have no rows: their latencies go to the
   recorded distributions, by exit name.
 - Not guessed: an exit (VM or userspace) still waiting for its entry when the log ends, or
-  followed by another kvm_exit of the same thread (its entry was lost), is counted in `exits_unmatched` by reason; a
-  kvm_entry with no kvm_exit before it (the log began while the vCPU was out of the guest, or
-  its first KVM_RUN) is counted as `exits_unmatched.entries_without_exit`.
+  followed by another kvm_exit of the same thread (its entry was lost), is counted in
+  `exits_unmatched` by reason; a kvm_entry with no kvm_exit before it (the log began while
+  the vCPU was out of the guest, or its first KVM_RUN) is counted as
+  `exits_unmatched.entries_without_exit`.
 """
 
 from __future__ import annotations
