@@ -240,9 +240,10 @@ class RowSink:
     def count(self) -> int:
         return self.written + len(self.rows)
 
-    def add(self, row: Row) -> list:
-        """Buffer a row; returns it as the list that `wait`/`resolve` take."""
-        stored = [*row, None] if len(row) == LATENCY else list(row)
+    def add(self, row: Row, wait: bool = False) -> list:
+        """Buffer a row (waiting for its latency if `wait`); returns it as the list that
+        `resolve` takes."""
+        stored = [*row, PENDING if wait else None] if len(row) == LATENCY else list(row)
         self.rows.append(stored)
         self.kinds[row[1]] += 1
         if row[1] != "memslot":
@@ -250,10 +251,6 @@ class RowSink:
         if len(self.rows) >= self._next_flush:
             self.flush(partial=True)
         return stored
-
-    @staticmethod
-    def wait(row: list) -> None:
-        row[LATENCY] = PENDING
 
     @staticmethod
     def resolve(row: list, latency: int | None) -> bool:

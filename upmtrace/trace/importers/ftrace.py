@@ -15,7 +15,6 @@ from collections.abc import Callable
 from upmtrace.trace.importers.common import (
     COMMENT,
     INT32_MAX,
-    LATENCY,
     UNRECOGNISED,
     Context,
     Row,
@@ -126,8 +125,9 @@ class KernelParser:
 
     def emit(self, row: Row) -> None:
         """Write a row; the exit its vCPU thread is in, if any, gives it its latency."""
-        stored = self.sink.add(row)
-        if len(stored) > LATENCY:
+        claimed = self.pairing.claims(self.tid)
+        stored = self.sink.add(row, wait=claimed)
+        if claimed:
             self.pairing.row(self.tid, stored)
 
     def vcpu_of(self, m: re.Match, field: str | None) -> int | None:

@@ -63,12 +63,15 @@ class Pairing:
         self.unmatched(state)
         state.vcpu, state.exit_ts, state.reason = vcpu, ts, reason
 
-    def row(self, tid: str, row: list) -> None:
-        """A row the thread's current exit produced: the first one carries its latency."""
+    def claims(self, tid: str) -> bool:
+        """Whether the thread's next row is the first its current exit produced (the row that
+        carries the exit's latency: it waits for the entry)."""
         state = self.threads.get(tid)
-        if state is not None and state.exit_ts is not None and state.row is None:
-            state.row = row
-            self.sink.wait(row)
+        return state is not None and state.exit_ts is not None and state.row is None
+
+    def row(self, tid: str, row: list) -> None:
+        """The row claimed by the thread's current exit."""
+        self.threads[tid].row = row
 
     def userspace(self, tid: str, ts: int, vcpu: int, reason: Reason) -> None:
         state = self.thread(tid, vcpu)
