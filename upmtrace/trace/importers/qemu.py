@@ -28,7 +28,7 @@ from upmtrace.trace.importers.common import (
 from upmtrace.trace.schema import BLOCK_SIZE, GPA_LIMIT, PAGE_SIZE, Platform
 
 LINE = re.compile(
-    r"(?:(?P<y>\d{4})-(?P<mo>\d\d)-(?P<d>\d\d)T(?P<h>\d\d):(?P<mi>\d\d):(?P<s>\d\d)"
+    r"\s*(?:(?P<y>\d{4})-(?P<mo>\d\d)-(?P<d>\d\d)T(?P<h>\d\d):(?P<mi>\d\d):(?P<s>\d\d)"
     r"(?:\.(?P<isofrac>\d+))?(?P<tz>Z|[+-]\d\d:?\d\d)?\s+)?"
     r"(?:(?P<tid>\d+)@(?P<secs>\d+)\.(?P<frac>\d+):\s*)?"
     r"(?P<event>[a-z][a-z0-9]*_[a-z0-9_]*)\s+(?P<payload>.*)")
