@@ -131,7 +131,8 @@ def test_a_row_held_back_too_long_is_written_without_latency(tmp_path, monkeypat
     log.write_text("\n".join(lines) + "\n")
     monkeypatch.setattr(common, "CHUNK", 4)
     monkeypatch.setattr(common, "HOLD_LIMIT", 16)
-    import_logs([str(log)], str(tmp_path / "held.parquet"), Options())
+    summary = import_logs([str(log)], str(tmp_path / "held.parquet"), Options())
+    assert any(note.startswith("1 exits kept no latency") for note in summary.notes)
     rows = [r for r in read_trace(tmp_path / "held.parquet").table.to_pylist()
             if r["kind"] == "npf"]
     assert len(rows) == 41 and [r["ts"] for r in rows] == sorted(r["ts"] for r in rows)

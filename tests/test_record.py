@@ -49,6 +49,11 @@ if args[0] == "record":
     sys.exit(0)
 if args[0] in ("report", "script"):
     sys.stdout.write(open(os.environ["FAKE_OUTPUT"]).read())
+    sys.stdout.flush()
+    if mode == "ctrl-c-convert":  # interrupted while the log is being written
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        os.kill(os.getppid(), signal.SIGINT)
+        time.sleep(60)
     sys.exit(0)
 sys.exit(9)
 '''
@@ -269,3 +274,15 @@ def test_the_recorded_log_imports_with_latencies(tmp_path, fake):
     assert result.exit_code == 0, result.output
     assert "latencies (kvm_exit to the vCPU's next kvm_entry): 1 on events" in result.output
 
+
+
+def test_ctrl_c_while_converting_aborts_with_130_and_writes_nothing(tmp_path, fake):
+    out = tmp_path / "kvm.log"
+    env = os.environ | fake.env | {"FAKE_MODE": "ctrl-c-convert"}
+    done = subprocess.run([sys.executable, "-m", "upmtrace", "record", "-o", str(out),
+                           "--duration", "1"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

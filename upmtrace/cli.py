@@ -59,6 +59,9 @@ class Group(click.Group):
                 traceback.print_exc()
             click.echo(f"Error: {err}", err=True)
             ctx.exit(err.exit_code)
+        except KeyboardInterrupt:  # Ctrl-C: 128 + SIGINT, as the shell reports it
+            click.echo("Interrupted", err=True)
+            ctx.exit(128 + signal.SIGINT)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

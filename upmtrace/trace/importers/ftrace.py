@@ -193,7 +193,9 @@ class KernelParser:
         size = pages << PAGE_SHIFT
         if gpa % PAGE_SIZE or pages == 0 or gpa + size > GPA_LIMIT:
             return "KVM_HC_MAP_GPA_RANGE that KVM refuses (misaligned, empty or too large)"
-        vcpu = self.vcpu_of(m, None)
+        vcpu = self.pairing.vcpu(self.tid)
+        if vcpu is None:
+            vcpu = self.vcpu_of(m, None)
         if vcpu is None:
             return malformed("kvm_hypercall")
         self.emit((ts, "map_gpa", vcpu, gpa, size,
@@ -271,6 +273,10 @@ class KernelParser:
 
     def notes(self) -> list[str]:
         notes = []
+        lost = self.sink.released + self.pairing.released
+        if lost:
+            notes.append(f"{lost:,} exits kept no latency: their event was written before their "
+                         "kvm_entry came (another vCPU produced too many events meanwhile)")
         if self.ghcb_psc:
             notes.append(f"GHCB Page State Change requests (VMGEXIT 0x80000010): {self.ghcb_psc:,} "
                          "counted as recorded, not imported: their entries "

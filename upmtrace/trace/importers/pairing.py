@@ -58,6 +58,11 @@ class Pairing:
             state = self.threads[tid] = Thread(vcpu)
         return state
 
+    def vcpu(self, tid: str) -> int | None:
+        """The vCPU a thread's kvm_exit/kvm_entry lines named, if any."""
+        state = self.threads.get(tid)
+        return None if state is None else state.vcpu
+
     def exit(self, tid: str, ts: int, vcpu: int, reason: Reason) -> None:
         state = self.thread(tid, vcpu)
         self.unmatched(state)
