@@ -273,7 +273,7 @@ class KernelParser:
 
     def notes(self) -> list[str]:
         notes = []
-        lost = self.sink.released + self.pairing.released
+        lost = self.pairing.released
         if lost:
             notes.append(f"{lost:,} exits kept no latency: their event was written before their "
                          "kvm_entry came (another vCPU produced too many events meanwhile)")
