@@ -72,20 +72,24 @@ class Collected:
             for value, times in zip(unique.tolist(), counts.tolist(), strict=True):
                 dist.add(value, times)
 
-    def rows(self, batch: pa.RecordBatch, platform: Platform) -> None:
+    def rows(self, batch: pa.RecordBatch, platform: Platform, events: bool) -> None:
+        """A batch's latencies (and, if `events`, its rows by vCPU and kind)."""
+        latency = batch.column(2)
+        if not events and latency.null_count == len(latency):
+            return  # the common case of a trace without latencies: nothing to decode
         kinds = batch.column(0)
         if not pa.types.is_dictionary(kinds.type):
             kinds = kinds.dictionary_encode()
         words = kinds.dictionary.to_pylist()
         code = kinds.indices.to_numpy(zero_copy_only=False).astype(np.int64)
         vcpu = pc.fill_null(batch.column(1), -1).to_numpy(zero_copy_only=False).astype(np.int64)
-        latency = batch.column(2)
-        pairs, counts = np.unique(np.stack([code, vcpu]), axis=1, return_counts=True)
-        for (k, cpu), n in zip(pairs.T.tolist(), counts.tolist(), strict=True):
-            if cpu >= 0:
-                key = (cpu, words[k])
-                self.events[key] = self.events.get(key, 0) + n
-        if not latency.null_count < len(latency):
+        if events:
+            keys, counts = np.unique(vcpu * 256 + code, return_counts=True)
+            for key, n in zip(keys.tolist(), counts.tolist(), strict=True):
+                cpu, k = divmod(key, 256)
+                if cpu >= 0:
+                    self.events[(cpu, words[k])] = self.events.get((cpu, words[k]), 0) + n
+        if latency.null_count == len(latency):
             return
         has = pc.is_valid(latency).to_numpy(zero_copy_only=False)
         values = pc.fill_null(latency, 0).to_numpy(zero_copy_only=False)
@@ -129,10 +133,10 @@ def _merge_summary(dist: Distribution, data: dict) -> None:
     dist.max = high if dist.max is None else max(dist.max, high)
 
 
-def collect(trace, platform: Platform, recorded: dict | None) -> Collected:
+def collect(trace, platform: Platform, recorded: dict | None, events: bool = True) -> Collected:
     collected = Collected()
     for batch in _batches(trace):
-        collected.rows(batch, platform)
+        collected.rows(batch, platform, events)
     collected.recorded(_object(_object(recorded).get("latency")))
     return collected
 
@@ -167,7 +171,7 @@ def add_timing(report: dict, trace, platform: Platform, recorded: dict | None,
                per_vcpu: bool = False) -> None:
     """Put `timing` (and `by_vcpu` if asked) in a report; the recorded distributions it is
     made from leave the report's `recorded` echo (they are not counts of the model's keys)."""
-    collected = collect(trace, platform, recorded)
+    collected = collect(trace, platform, recorded, events=per_vcpu)
     if (found := timing(collected)) is not None:
         report["timing"] = found
     if per_vcpu:
