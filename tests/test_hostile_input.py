@@ -621,3 +621,38 @@ def test_usage_and_output_errors(work, args, code, message):
     (work / "out.txt").write_bytes(b"old")
     (work / "tl.txt").write_bytes(b"old")
     fails(args, code, message, work)
+
+
+# --- one line or row never costs unbounded work or memory -----------------------------------
+
+HUGE_MAP_GPA = "kvm_hc_map_gpa_range gpa 0x0 size 0x8000000000000 attributes 0x11\n"
+
+
+@pytest.mark.parametrize(("platform", "kinds"), [
+    ("snp", {"memslot": 1, "set_attributes": 1, "psc": 1}),
+    ("tdx", {"memslot": 1, "set_attributes": 1, "map_gpa": 1}),
+    ("sw", {"memslot": 1, "set_attributes": 1, "map_gpa": 1})])
+def test_a_2m_hinted_map_gpa_of_2_pow_51_bytes_stays_one_row(work, platform, kinds):
+    """A 78-byte line asking for 2^51 bytes with the 2 MiB page-size hint: more 2 MiB entries
+    than one GHCB request can hold, so it is kept as one range, never split 2 MiB by 2 MiB."""
+    from upmtrace.trace.io import read_trace
+
+    (work / "log.txt").write_text(HUGE_MAP_GPA)
+    result = invoke(["import", "log.txt", "-o", "out.parquet", "--platform", platform])
+    assert result.exit_code == 0, result.output
+    rows = read_trace("out.parquet").table.to_pylist()
+    assert {k: sum(r["kind"] == k for r in rows) for k in kinds} == kinds
+    assert len(rows) == 3
+    assert rows[-1]["gpa"] == 0 and rows[-1]["size"] == 1 << 51
+
+
+def test_out_of_memory_is_one_error_line_and_exit_3(work, monkeypatch):
+    from upmtrace.trace.importers import qemu
+
+    def exhausted(*_args):
+        raise MemoryError
+
+    monkeypatch.setattr(qemu, "psc_entries", exhausted)
+    (work / "log.txt").write_text(HUGE_MAP_GPA)
+    fails(["import", "log.txt", "-o", "out.parquet"], 3,
+          "out of memory (an input too large for this machine)", work)

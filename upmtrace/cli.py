@@ -59,6 +59,11 @@ class Group(click.Group):
                 traceback.print_exc()
             click.echo(f"Error: {err}", err=True)
             ctx.exit(err.exit_code)
+        except MemoryError:
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.echo("Error: out of memory (an input too large for this machine)", err=True)
+            ctx.exit(3)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
