@@ -99,10 +99,11 @@ def test_tdx_map_gpa_chunks(gpa, size, mode, exits):
            conversions__to_private_pages=size // (4 * K))
 
 
-def test_map_gpa_on_snp_is_one_vmcall_and_one_exit():
+def test_map_gpa_on_snp_is_one_vmgexit_and_one_exit():
+    """An SNP guest cannot execute VMMCALL directly: MapGPA reaches KVM through the GHCB."""
     r = replay(memslot(0, 0, 16 * M), map_gpa(0, 5 * M, True))
     expect(r, exits__userspace__KVM_EXIT_HYPERCALL=1, exits__userspace_total=1,
-           exits__vm__vmcall=1, exits__vm_total=1, conversions__set_attributes_calls=1,
+           exits__vm__vmgexit=1, exits__vm_total=1, conversions__set_attributes_calls=1,
            conversions__to_private_pages=5 * M // (4 * K))
 
 
@@ -321,3 +322,23 @@ def test_moving_a_slot_frees_its_old_pages():
     r = replay(SLOT, npf(0, False), memslot(0, 8 * M, 4 * M), npf(8 * M, False))
     mem = memory(r)
     assert (mem["peak_resident"], mem["final_resident"], mem["touched"]) == (1, 1, 2)
+
+
+# --- found by the oracle differential (tests/test_oracle.py) --------------------------------
+
+def test_a_stale_copy_stays_stale_when_only_other_pages_change_attribute():
+    """Lazy dealloc, limit 4 pages. A shared conversion of 16 pages that are already shared
+    leaves their private copies stale (12 reclaimed at once, 4 left). A set_attributes row over
+    them changes one other page (297): the 4 private copies are still stale (none was converted
+    back), so the next stale copy (page 251) pushes the oldest of them (page 246) out."""
+    r = replay(SLOT, npf(297 * 4 * K, True), psc(234 * 4 * K, 64 * K, "shared"),
+               attrs(0, 2 * M, False), psc(251 * 4 * K, 4 * K, "shared", req=-1),
+               policy="lazy", lazy_limit=16 * K, gmem_page="2m", prefault=True)
+    expect(r, exits__userspace__KVM_EXIT_MEMORY_FAULT=1, exits__userspace__KVM_EXIT_HYPERCALL=2,
+           exits__userspace_total=3, exits__vm__npf=4, exits__vm__vmgexit=2, exits__vm_total=6,
+           npf__recorded=1, conversions__implicit=1, conversions__set_attributes_calls=4,
+           conversions__to_private_pages=1, conversions__to_shared_pages=1, psc__requests=2,
+           psc__entries=2, gmem__folio_splits=1, rmp__updates_4k=13, rmp__updates_2m=1,
+           rmp__psmash=1, directmap__splits=1, mappings__4k=18)
+    mem = memory(r)
+    assert (mem["peak_resident"], mem["final_resident"], mem["pages_freed"]) == (516, 516, 13)

@@ -229,8 +229,8 @@ class Engine:
                     count["exits.userspace.KVM_EXIT_HYPERCALL"] += 1
                     self.convert_bytes(start, min(BLOCK_SIZE, gpa + size - start), private)
                 return
-        else:
-            count["exits.vm.vmcall"] += 1
+        else:  # an SNP guest issues the hypercall through the GHCB
+            count["exits.vm.vmgexit" if self.platform is Platform.SNP else "exits.vm.vmcall"] += 1
         count["exits.userspace.KVM_EXIT_HYPERCALL"] += 1
         self.convert_bytes(gpa, size, private)
 

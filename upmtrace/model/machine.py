@@ -79,8 +79,9 @@ class Machine:
                         for lo, hi in changed for b, m in blocks_in(lo, hi, pool.pages))
             self.inplace_private += moved if private else -moved
             self.grew = True
-        if self.lazy:
-            self._unstale(g0, g1, private)
+        if self.lazy:  # only where the attribute changed: elsewhere a stale copy stays stale
+            for lo, hi in changed:
+                self._unstale(lo, hi, private)
         return True
 
     def convert(self, g0: int, g1: int, private: bool, explicit: bool) -> None:
