@@ -342,3 +342,44 @@ def test_a_stale_copy_stays_stale_when_only_other_pages_change_attribute():
            rmp__psmash=1, directmap__splits=1, mappings__4k=18)
     mem = memory(r)
     assert (mem["peak_resident"], mem["final_resident"], mem["pages_freed"]) == (516, 516, 13)
+
+
+# --- 2 MiB mappings: the edges of the rules ----------------------------------------------------
+
+def test_a_block_private_but_for_its_last_page_maps_at_4k():
+    """The uniformity check covers all 512 pages: page 511 shared keeps page 0 at 4 KiB (its
+    2 MiB RMP entry is then PSMASHed, as for any 4 KiB private mapping in it)."""
+    r = replay(SLOT, attrs(0, 2 * M - 4 * K), npf(0, True), gmem_page="2m")
+    expect(r, exits__vm__npf=3, exits__vm_total=3, npf__recorded=1,
+           conversions__set_attributes_calls=1, conversions__to_private_pages=511,
+           rmp__updates_2m=1, rmp__psmash=1, mappings__4k=1)
+
+
+def test_a_block_private_up_to_its_last_page_maps_at_2m():
+    """A private run ending exactly at the block's end (and the slot's) makes it uniform."""
+    r = replay(SLOT, attrs(0, 2 * M), npf(0, True), npf(2 * M - 4 * K, True), gmem_page="2m")
+    expect(r, exits__vm__npf=1, exits__vm_total=1, npf__recorded=2, npf__avoided=1,
+           conversions__set_attributes_calls=1, conversions__to_private_pages=512,
+           rmp__updates_2m=1, mappings__2m=1)
+
+
+def test_a_shared_block_just_below_a_private_run_maps_at_2m():
+    """A private run starting exactly at the next block leaves this block uniformly shared."""
+    r = replay(SLOT, attrs(2 * M, 2 * M), npf(0, False), npf(2 * M - 4 * K, False),
+               shared_page="2m")
+    expect(r, exits__vm__npf=1, exits__vm_total=1, npf__recorded=2, npf__avoided=1,
+           conversions__set_attributes_calls=1, conversions__to_private_pages=512,
+           mappings__2m=1)
+
+
+def test_a_psmash_on_mapping_zaps_every_mapping_of_the_block():
+    """A 2 MiB RMP entry, then mixed attributes (no dealloc: set_attributes frees nothing); page
+    511 mapped shared; a private fault on page 0 PSMASHes the entry and zaps the whole block,
+    so the shared access to page 511 faults again instead of being avoided."""
+    r = replay(*PRIVATE_SLOT, npf(0, True), attrs(2 * M - 4 * K, 4 * K, False),
+               npf(2 * M - 4 * K, False), npf(0, True), npf(2 * M - 4 * K, False),
+               gmem_page="2m")
+    expect(r, exits__vm__npf=6, exits__vm_total=6, npf__recorded=4,
+           conversions__set_attributes_calls=2, conversions__to_private_pages=1024,
+           conversions__to_shared_pages=1, rmp__updates_2m=1, rmp__psmash=1,
+           mappings__2m=1, mappings__4k=3)

@@ -12,7 +12,7 @@ import oracle
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scenario import K, M, counters, replay, table
+from scenario import K, M, counters, examples, replay, table
 
 from upmtrace.policy import PRESETS
 
@@ -160,7 +160,7 @@ def differences(rows: list[dict], platform: str, knobs: dict) -> dict:
             and (ENGINE_HAS_VFIO_POPULATE or key.split(".")[0] not in ("populate", "vfio"))}
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(platform=st.sampled_from(PLATFORMS), knobs=knobs_strategy(), rows=trace_rows())
 def test_the_engine_agrees_with_the_oracle_on_every_counter(platform, knobs, rows):
     reached["examples"] += 1
