@@ -656,3 +656,23 @@ def test_out_of_memory_is_one_error_line_and_exit_3(work, monkeypatch):
     (work / "log.txt").write_text(HUGE_MAP_GPA)
     fails(["import", "log.txt", "-o", "out.parquet"], 3,
           "out of memory (an input too large for this machine)", work)
+
+
+def test_text_inputs_are_read_as_utf_8_under_an_ascii_locale(tmp_path):
+    """Policy, cost and baseline files are UTF-8 whatever the locale: under LC_ALL=C without
+    Python's UTF-8 mode, a non-ASCII policy name and comments still read, and the baseline
+    written from it is read back."""
+    write_trace(table(*GOOD_ROWS), tmp_path / GOOD)
+    (tmp_path / "p.toml").write_bytes('# « lazy », pas « eager »\nname = "paresseux-é"\n'
+                                      'dealloc = "lazy"\n'.encode())
+    (tmp_path / "c.toml").write_bytes("# ns, mesurés\nvm_exit = 1200\n".encode())
+    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "PYTHONUTF8": "0", "COLUMNS": "100"}
+    for args in (["check", GOOD, "--baseline", "base.json", "--policy", "p.toml", "--costs",
+                  "c.toml", "--update"],
+                 ["check", GOOD, "--baseline", "base.json", "--policy", "p.toml", "--costs",
+                  "c.toml"]):
+        done = subprocess.run([sys.executable, "-m", "upmtrace", *args], cwd=tmp_path, env=env,
+                              capture_output=True)
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+    baseline = json.loads((tmp_path / "base.json").read_text(encoding="utf-8"))
+    assert baseline["report"]["policy"]["name"] == "paresseux-é"

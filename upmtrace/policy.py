@@ -156,7 +156,7 @@ def load_policy(spec: str, overrides: dict[str, Any] | None = None) -> Policy:
 
 def load_toml(path: Path) -> Policy:
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PolicyError("no such policy file", path=str(path)) from None
     except (OSError, UnicodeDecodeError) as err:
