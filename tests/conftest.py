@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 LONG = os.environ.get("UPMTRACE_FUZZ") == "long"
@@ -20,3 +21,11 @@ settings.register_profile(
     derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 if os.environ.get("UPMTRACE_FUZZ") in ("long", "mutation"):
     settings.load_profile(os.environ["UPMTRACE_FUZZ"])
+
+
+@pytest.fixture(autouse=True)
+def _generous_terminal_width(monkeypatch):
+    """Every test renders at a fixed, generous width, whatever the terminal running it (a test
+    that needs another width sets COLUMNS itself)."""
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.delenv("LINES", raising=False)

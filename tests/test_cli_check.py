@@ -6,6 +6,7 @@ import json
 import os
 import xml.etree.ElementTree as ET
 from fractions import Fraction
+from xml.etree import ElementTree
 
 import pytest
 from click.testing import CliRunner
@@ -165,6 +166,12 @@ def test_another_policy_name_is_exit_3(trace, baseline):
     assert run("check", trace, "--baseline", baseline, "--policy", "eager").exit_code == 0
 
 
+def junit_policy(path) -> str:
+    """The policy a check ran, from its JUnit XML (text output may wrap a long path)."""
+    props = ElementTree.parse(path).getroot().find("testsuite/properties")
+    return {p.get("name"): p.get("value") for p in props}["policy"]
+
+
 def test_a_toml_policy_of_the_same_name_with_other_knobs_is_compared(tmp_path, trace):
     policy = tmp_path / "mine.toml"
     policy.write_text('exits = "coalesce"\n')
@@ -172,8 +179,10 @@ def test_a_toml_policy_of_the_same_name_with_other_knobs_is_compared(tmp_path, t
     assert run("check", trace, "--baseline", path, "--policy", str(policy),
                "--update").exit_code == 0
     policy.write_text('exits = "per-entry"\n')
-    result = run("check", trace, "--baseline", path, "--policy", str(policy))
-    assert result.exit_code == 1 and "policy mine" in result.output
+    junit = tmp_path / "j.xml"
+    result = run("check", trace, "--baseline", path, "--policy", str(policy), "--junit",
+                 str(junit))
+    assert result.exit_code == 1 and junit_policy(junit) == "mine"
     # without --policy the baseline's recorded knobs are used, not the edited file
     assert run("check", trace, "--baseline", path).exit_code == 0
 
@@ -182,8 +191,9 @@ def test_without_policy_the_baselines_policy_replays(tmp_path, trace):
     path = str(tmp_path / "b.json")
     run("check", trace, "--baseline", path, "--update", "--policy", "sg", "--set",
         "dealloc=lazy")
-    result = run("check", trace, "--baseline", path)
-    assert result.exit_code == 0 and "policy sg" in result.output
+    junit = tmp_path / "j.xml"
+    result = run("check", trace, "--baseline", path, "--junit", str(junit))
+    assert result.exit_code == 0 and junit_policy(junit) == "sg"
     # --update without --policy keeps the baseline's policy
     run("check", trace, "--baseline", path, "--update")
     policy = json.loads(open(path).read())["report"]["policy"]
