@@ -301,8 +301,17 @@ def small_fleet(tmp_path) -> Path:
     return folder
 
 
+def require_distributed():
+    """dask[distributed] is in the [test] extra: a run without it must fail, not skip."""
+    try:
+        import distributed
+    except ImportError as err:
+        pytest.fail(f"dask[distributed] is missing ({err}): pip install -e '.[test]'")
+    return distributed
+
+
 def test_local_and_dask_give_byte_identical_results(small_fleet, tmp_path):
-    pytest.importorskip("distributed")
+    require_distributed()
     outputs = {}
     for name, executor in (("local", ["--workers", "2"]),
                            ("dask", ["--executor", "dask", "--workers", "2"])):
@@ -316,7 +325,7 @@ def test_local_and_dask_give_byte_identical_results(small_fleet, tmp_path):
 
 
 def test_fleet_joins_an_existing_cluster(small_fleet, tmp_path):
-    distributed = pytest.importorskip("distributed")
+    distributed = require_distributed()
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster:
         result = run_cli("fleet", small_fleet / "flip-*.parquet", "--policy", "eager",
