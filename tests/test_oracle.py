@@ -81,3 +81,67 @@ def o(*rows: dict, platform: str = "snp", **knobs) -> dict[str, int]:
 def test_oracle_rules(rows, want):
     got = o(*rows)
     assert {k: got[k] for k in want} == want
+
+
+def populate(gpa: int, size: int) -> dict:
+    return {"kind": "populate", "vcpu": -1, "gpa": gpa, "size": size}
+
+
+SLOT4 = {"kind": "memslot", "vcpu": -1, "slot": 0, "gpa": 0, "size": 4 * M, "gmem": True}
+
+
+def private(gpa: int, size: int) -> dict:
+    return {"kind": "set_attributes", "vcpu": -1, "gpa": gpa, "size": size, "private": True}
+
+
+def psc_row(gpa: int, size: int, op: str, req: int) -> dict:
+    return {"kind": "psc", "vcpu": 0, "req": req, "gpa": gpa, "size": size, "op": op}
+
+
+def nonzero(counters: dict[str, int]) -> dict[str, int]:
+    return {key: value for key, value in counters.items() if value}
+
+
+def test_oracle_populate_on_snp_leaves_4k_rmp_entries_that_keep_mappings_at_4k():
+    """4 launch pages (4 KiB RMP updates, no folio); the first private fault then gives the
+    block a folio (508 more pages, 4 KiB updates: the block is not wholly RMP-shared) and maps
+    at 4 KiB although all 512 attributes are private: the block holds 4 KiB RMP entries."""
+    got = o(SLOT4, private(0, 2 * M), populate(0, 16 * K),
+            {"kind": "npf", "vcpu": 0, "gpa": 0, "private": True}, gmem_page="2m")
+    assert nonzero(got) == {
+        "exits.vm.npf": 1, "exits.vm_total": 1, "npf.recorded": 1,
+        "conversions.set_attributes_calls": 1, "conversions.to_private_pages": 512,
+        "rmp.updates_4k": 512, "directmap.splits": 1, "mappings.4k": 1, "populate.calls": 1,
+        "populate.pages": 4, "memory.peak_resident_bytes": 2 * M,
+        "memory.peak_private_bytes": 2 * M, "memory.final_resident_bytes": 2 * M,
+        "memory.touched_bytes": 2 * M}
+
+
+def test_oracle_populate_skips_shared_pages_and_pages_outside_guest_memfd():
+    got = o(SLOT4, private(0, 2 * M), populate(2 * M - 8 * K, 16 * K), populate(64 * M, 4 * K))
+    assert (got["populate.calls"], got["populate.pages"], got["populate.skipped_pages"]) == \
+        (2, 2, 3)
+    assert got["rmp.updates_4k"] == 2 and got["memory.final_resident_bytes"] == 8 * K
+
+
+def test_oracle_populate_on_tdx_maps_the_pages_private():
+    got = o(SLOT4, private(0, 2 * M), populate(0, 8 * K),
+            {"kind": "npf", "vcpu": 0, "gpa": 0, "private": True}, platform="tdx")
+    assert (got["mappings.4k"], got["npf.avoided"], got["exits.vm.npf"]) == (2, 1, 0)
+    assert got["rmp.updates_4k"] == 0
+
+
+def test_oracle_vfio_pin_all_keeps_both_copies_until_the_slot_goes():
+    got = o(SLOT4, private(0, 4 * M), psc_row(0, 16 * K, "shared", 1),
+            psc_row(0, 16 * K, "private", 2), {**SLOT4, "size": 0}, vfio="pin-all")
+    assert (got["vfio.dma_map_calls"], got["vfio.dma_unmap_calls"]) == (1, 1)
+    assert got["vfio.pinned_peak_bytes"] == got["memory.peak_shared_bytes"] == 4 * M
+    assert got["vfio.pinned_final_bytes"] == got["memory.final_resident_bytes"] == 0
+
+
+def test_oracle_vfio_on_convert_maps_what_is_shared_and_unmaps_it_on_private():
+    got = o(SLOT4, private(0, 4 * M), psc_row(0, 16 * K, "shared", 1),
+            psc_row(0, 16 * K, "private", 2), vfio="on-convert")
+    assert (got["vfio.dma_map_calls"], got["vfio.dma_unmap_calls"]) == (1, 1)
+    assert got["vfio.pinned_peak_bytes"] == got["memory.peak_shared_bytes"] == 16 * K
+    assert got["vfio.pinned_final_bytes"] == got["memory.final_resident_bytes"] == 0
