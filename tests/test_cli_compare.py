@@ -132,8 +132,8 @@ def test_no_policy_at_all_is_a_usage_error(trace):
     assert "Missing option '--policy'" in result.output
 
 
-def test_bad_policy_or_trace_is_exit_3(trace, tmp_path):
-    assert run("compare", trace, "--policy", "eager", "--policy", "nope").exit_code == 3
+def test_a_mistyped_policy_is_exit_2_and_a_missing_trace_exit_3(trace, tmp_path):
+    assert run("compare", trace, "--policy", "eager", "--policy", "nope").exit_code == 2
     missing = run("compare", str(tmp_path / "none.parquet"), "--policy", "eager", "--policy",
                   "lazy")
     assert missing.exit_code == 3 and missing.output.startswith("Error: ")

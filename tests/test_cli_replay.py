@@ -51,7 +51,8 @@ def test_set_overrides_a_knob_and_output_is_written(trace, tmp_path):
                  "--format", "json", "--output", str(out))
     assert result.exit_code == 0 and result.output == ""
     policy = json.loads(out.read_text())["policy"]
-    assert (policy["name"], policy["dealloc"], policy["lazy_limit"]) == ("eager", "lazy", 1 << 20)
+    assert (policy["name"], policy["dealloc"], policy["lazy_limit"]) == (
+        "eager+dealloc=lazy+lazy_limit=1M", "lazy", 1 << 20)
 
 
 def test_policy_from_toml_takes_its_stem_and_eager_defaults(trace, tmp_path):
@@ -69,13 +70,46 @@ def test_policy_from_toml_takes_its_stem_and_eager_defaults(trace, tmp_path):
     (["--set", "dealloc"], "Error: --set 'dealloc': expected KEY=VALUE"),
     (["--set", "prefault=maybe"],
      "Error: policy knob 'prefault' cannot be 'maybe' (true or false)"),
-    (["--policy", "nope"], "Error: unknown policy 'nope': not a preset "
-                           "(eager, lazy, inplace, hugepool, sg, prefault) and no such TOML file"),
 ])
 def test_bad_policy_is_one_line_and_exit_3(trace, args, message):
     result = run("replay", trace, *args)
     assert result.exit_code == 3
     assert result.output.strip() == message
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("nope", "Error: unknown policy 'nope': not a preset "
+             "(eager, lazy, inplace, hugepool, sg, prefault) and no such TOML file"),
+    ("eagre", "Error: unknown policy 'eagre': not a preset "
+              "(eager, lazy, inplace, hugepool, sg, prefault) and no such TOML file; "
+              "did you mean 'eager'?"),
+    ("lazzy+prefault=true", "Error: unknown policy 'lazzy': not a preset "
+     "(eager, lazy, inplace, hugepool, sg, prefault) and no such TOML file; did you mean 'lazy'?"),
+])
+def test_a_mistyped_preset_is_a_usage_error_with_a_suggestion(trace, spec, message):
+    result = run("replay", trace, "--policy", spec)
+    assert result.exit_code == 2
+    assert result.output.strip() == message
+
+
+def test_a_policy_spec_applies_its_overrides_and_is_named_as_written(trace):
+    report = json.loads(run("replay", trace, "--policy", "eager+prefault=true+gmem_page=2m",
+                            "--set", "lazy_limit=64M", "--format", "json").output)
+    assert report["policy"] == {**PRESETS["eager"].to_json(),
+                                "name": "eager+prefault=true+gmem_page=2m+lazy_limit=64M",
+                                "prefault": True, "gmem_page": "2m", "lazy_limit": 64 << 20}
+
+
+def test_a_set_override_is_part_of_the_name(trace):
+    report = json.loads(run("replay", trace, "--set", "dealloc = lazy", "--format", "json").output)
+    assert report["policy"]["name"] == "eager+dealloc=lazy"
+    assert report["policy"]["dealloc"] == "lazy"
+
+
+def test_a_spec_override_that_is_not_key_value_is_exit_3(trace):
+    result = run("replay", trace, "--policy", "eager+prefault")
+    assert result.exit_code == 3
+    assert result.output.strip() == "Error: --set 'prefault': expected KEY=VALUE"
 
 
 def test_bad_toml_policy(trace, tmp_path):

@@ -257,7 +257,7 @@ def test_a_failed_pair_is_a_row_and_exit_3(fleet_dir, corrupt, tmp_path):
     (["--policy", "eager"], 2, "Error: policy 'eager' given twice: result rows are keyed by "
                                "policy name (copy the TOML file under another name to vary "
                                "its knobs)"),
-    (["--policy", "nosuch"], 3, "Error: unknown policy 'nosuch': not a preset (eager, lazy, "
+    (["--policy", "nosuch"], 2, "Error: unknown policy 'nosuch': not a preset (eager, lazy, "
                                 "inplace, hugepool, sg, prefault) and no such TOML file"),
 ])
 def test_bad_options_are_one_line(fleet_dir, monkeypatch, args, code, line):

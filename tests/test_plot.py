@@ -80,7 +80,7 @@ def test_svg_has_one_curve_per_policy_and_panel(trace, tmp_path):
     (["-o", "p"], 2, "Error: -o p: use a .png or .svg file"),
     (["--policy", "eager", "-o", "p.png"], 2, "Error: policy 'eager' given twice: the plot's "
      "curves are named by policy (copy the TOML file under another name to vary its knobs)"),
-    (["--policy", "nope", "-o", "p.png"], 3, "Error: unknown policy 'nope': not a preset "
+    (["--policy", "nope", "-o", "p.png"], 2, "Error: unknown policy 'nope': not a preset "
      "(eager, lazy, inplace, hugepool, sg, prefault) and no such TOML file"),
     (["--set", "dealloc=sometimes", "-o", "p.png"], 3,
      "Error: policy knob 'dealloc' cannot be 'sometimes' (one of eager, lazy, aligned-2m)"),

@@ -231,13 +231,13 @@ def replay(trace: str, policy_spec: str, overrides: tuple[str, ...], costs_file:
     """Replay TRACE under a policy and report exits, memory and direct-map cost."""
     from upmtrace.costs import load_costs
     from upmtrace.engine import replay as run
-    from upmtrace.policy import load_policy, parse_overrides
+    from upmtrace.policy import load_policy
     from upmtrace.progress import progress, tracked
     from upmtrace.report import RENDERERS
     from upmtrace.timeline import Timeline, check_path
     from upmtrace.trace.io import read_trace
 
-    policy = load_policy(policy_spec, parse_overrides(overrides))
+    policy = load_policy(policy_spec, overrides)
     costs = load_costs(costs_file) if costs_file else None
     if timeline:
         check_path(timeline)
@@ -282,13 +282,12 @@ def compare(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...
     from upmtrace.compare import check_policies, default_workers
     from upmtrace.compare import compare as run
     from upmtrace.costs import load_costs
-    from upmtrace.policy import load_policy, parse_overrides
+    from upmtrace.policy import load_policy
     from upmtrace.progress import progress, tracked
     from upmtrace.report.compare import RENDERERS
     from upmtrace.trace.io import read_trace
 
-    knobs = parse_overrides(overrides)
-    policies = [load_policy(spec, knobs) for spec in policy_specs]
+    policies = [load_policy(spec, overrides) for spec in policy_specs]
     check_policies(policies)
     costs = load_costs(costs_file) if costs_file else None
     loaded = read_trace(trace)
@@ -319,15 +318,14 @@ def plot(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...],
     from upmtrace.atomic import write_atomic
     from upmtrace.costs import load_costs
     from upmtrace.engine import replay as run
-    from upmtrace.policy import check_distinct, load_policy, parse_overrides
+    from upmtrace.policy import check_distinct, load_policy
     from upmtrace.progress import progress, tracked
     from upmtrace.report.plot import Series, format_of, render
     from upmtrace.timeline import Timeline
     from upmtrace.trace.io import read_trace
 
     fmt = format_of(output)
-    knobs = parse_overrides(overrides)
-    policies = [load_policy(spec, knobs) for spec in policy_specs]
+    policies = [load_policy(spec, overrides) for spec in policy_specs]
     check_distinct(policies, "the plot's curves are named by policy")
     costs = load_costs(costs_file) if costs_file else None
     loaded = read_trace(trace, platform=platform)
@@ -381,11 +379,10 @@ def check(ctx: click.Context, trace: str, baseline: str, policy_spec: str | None
     from upmtrace import gate
     from upmtrace.atomic import write_text
     from upmtrace.costs import load_costs
-    from upmtrace.policy import parse_overrides
     from upmtrace.report.check import RENDERERS
 
     request = gate.Request(
-        baseline, policy_spec, parse_overrides(overrides),
+        baseline, policy_spec, overrides,
         load_costs(costs_file) if costs_file else None, platform,
         None if tolerance is None else Fraction(str(tolerance)), metrics, allow_trace_change)
     if update:
@@ -497,11 +494,10 @@ def fleet_run(ctx: click.Context, policy_specs: tuple[str, ...], overrides: tupl
     """
     from upmtrace import fleet as lib
     from upmtrace.costs import load_costs
-    from upmtrace.policy import load_policy, parse_overrides
+    from upmtrace.policy import load_policy
     from upmtrace.report.fleet import RENDERERS
 
-    knobs = parse_overrides(overrides)
-    policies = tuple(load_policy(spec, knobs) for spec in policy_specs)
+    policies = tuple(load_policy(spec, overrides) for spec in policy_specs)
     lib.check_policies(policies)
     costs = load_costs(costs_file) if costs_file else None
     paths, runner = _fleet_setup(traces, output, executor, scheduler, workers)
@@ -551,11 +547,10 @@ def fleet_check(ctx: click.Context, baseline: str, policy_specs: tuple[str, ...]
     from upmtrace.atomic import write_text
     from upmtrace.costs import load_costs
     from upmtrace.fleet import write_results
-    from upmtrace.policy import parse_overrides
     from upmtrace.report.check import RENDERERS
 
     request = gate.Request(
-        baseline, policy_specs, parse_overrides(overrides),
+        baseline, policy_specs, overrides,
         load_costs(costs_file) if costs_file else None, platform,
         None if tolerance is None else Fraction(str(tolerance)), metrics, allow_trace_change)
     paths, runner = _fleet_setup(traces, output, executor, scheduler, workers)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from upmtrace.baseline import is_percentage, loads
 from upmtrace.errors import InputError, PolicyError, UpmtraceError, UsageError
 from upmtrace.fleet import TOTALLED, Executor, Fleet, run, summarize
 from upmtrace.gate import DEFAULT_METRICS, Outcome, Verdict, status
-from upmtrace.policy import PRESETS, Policy, load_policy
+from upmtrace.policy import PRESETS, Policy, load_policy, parse_overrides
 
 SCHEMA_ID = "upmtrace.fleet-baseline.v1"
 
@@ -61,7 +61,7 @@ class Request:
 
     baseline: str
     policy_specs: tuple[str, ...] = ()  # empty: the baseline's policies
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: tuple[str, ...] = ()  # --set KEY=VALUE items
     costs: dict[str, int] | None = None
     platform: str | None = None
     tolerance: Fraction | None = None  # None: the baseline's
@@ -155,7 +155,7 @@ def update(traces: Sequence[str], request: Request, executor: Executor,
     if request.policy_specs:
         policies = tuple(load_policy(s, request.overrides) for s in request.policy_specs)
     else:
-        policies = tuple(p.with_overrides(request.overrides)
+        policies = tuple(p.with_sets(request.overrides)
                          for p in (old.policies if old else (PRESETS["eager"],)))
     platform = request.platform if request.platform is not None else (
         old.platform if old else None)
@@ -188,9 +188,11 @@ def expand_metrics(keys: Sequence[str]) -> tuple[str, ...]:
 
 
 def _policies(request: Request, base: FleetBaseline) -> tuple[Policy, ...]:
+    """The guarded policies; --set edits their knobs and keeps their names (as in `check`)."""
+    edits = parse_overrides(request.overrides)
     if not request.policy_specs:
-        return tuple(p.with_overrides(request.overrides) for p in base.policies)
-    policies = tuple(load_policy(s, request.overrides) for s in request.policy_specs)
+        return tuple(p.with_overrides(edits) for p in base.policies)
+    policies = tuple(load_policy(s).with_overrides(edits) for s in request.policy_specs)
     known = [p.name for p in base.policies]
     for policy in policies:
         if policy.name not in known:

@@ -14,7 +14,7 @@ from upmtrace.atomic import write_text
 from upmtrace.baseline import Baseline, read_baseline
 from upmtrace.engine import Result, replay
 from upmtrace.errors import InputError, UpmtraceError, UsageError
-from upmtrace.policy import PRESETS, Policy, load_policy
+from upmtrace.policy import PRESETS, Policy, load_policy, parse_overrides
 from upmtrace.trace.io import read_trace
 
 DEFAULT_METRICS = ("exits",)  # every key under exits: userspace and VM, totals included
@@ -28,7 +28,7 @@ class Request:
 
     baseline: str
     policy_spec: str | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: tuple[str, ...] = ()  # --set KEY=VALUE items
     costs: dict[str, int] | None = None
     platform: str | None = None
     tolerance: Fraction | None = None  # None: the baseline's
@@ -155,16 +155,18 @@ def check(trace_path: str, request: Request) -> Outcome:
 
 
 def _policy(request: Request, base: Baseline) -> Policy:
+    """The guarded policy; --set edits its knobs and keeps its name, like an edited TOML file."""
+    edits = parse_overrides(request.overrides)
     if request.policy_spec is None:
-        return base.policy().with_overrides(request.overrides)
-    policy = load_policy(request.policy_spec, request.overrides)
+        return base.policy().with_overrides(edits)
+    policy = load_policy(request.policy_spec)
     expected = base.result.report["policy"]["name"]
     if policy.name != expected:
         raise UpmtraceError(
             f"--policy {policy.name!r} is not the baseline's policy {expected!r} "
             f"({request.baseline}); compare policies with `upmtrace compare`, or --update to "
             "re-baseline")
-    return policy
+    return policy.with_overrides(edits)
 
 
 def update(trace_path: str, request: Request) -> Baseline:
@@ -176,7 +178,7 @@ def update(trace_path: str, request: Request) -> Baseline:
     if request.policy_spec is not None:
         policy = load_policy(request.policy_spec, request.overrides)
     else:
-        policy = (old.policy() if old else PRESETS["eager"]).with_overrides(request.overrides)
+        policy = (old.policy() if old else PRESETS["eager"]).with_sets(request.overrides)
     result = replay(read_trace(trace_path), policy, platform=request.platform,
                     costs=request.costs)
     wanted = request.metrics or (old.metrics if old else DEFAULT_METRICS)

@@ -1,9 +1,11 @@
-"""VMM/kernel policies (SPEC.md section 4): the knobs, the presets, TOML files, --set overrides."""
+"""VMM/kernel policies: the knobs, the presets, TOML files, policy specs and --set overrides."""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +88,16 @@ class Policy:
         return {"name": self.name, **self.knobs()}
 
     def with_overrides(self, overrides: dict[str, Any]) -> Policy:
+        """This policy with typed knob values (its name unchanged)."""
         return dataclasses.replace(self, **overrides)
+
+    def with_sets(self, items: Sequence[str]) -> Policy:
+        """This policy with `KEY=VALUE` overrides, named by appending `+KEY=VALUE` for each."""
+        if not items:
+            return self
+        written = [_written(item) for item in items]
+        return dataclasses.replace(self, name=self.name + "".join("+" + w for w in written),
+                                   **parse_overrides(written))
 
 
 PRESETS: dict[str, Policy] = {
@@ -131,7 +142,7 @@ def parse_value(key: str, text: str) -> Any:
     return text.strip()
 
 
-def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -142,16 +153,45 @@ def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
     return overrides
 
 
-def load_policy(spec: str, overrides: dict[str, Any] | None = None) -> Policy:
-    """A preset name or a TOML file of knobs, then --set overrides."""
-    if spec in PRESETS:
-        policy = PRESETS[spec]
-    elif spec.endswith(".toml") or Path(spec).exists():
-        policy = load_toml(Path(spec))
+def _written(item: str) -> str:
+    """An override as it goes into a policy's name: `KEY=VALUE`, spaces around either trimmed."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise PolicyError(f"--set {item!r}: expected KEY=VALUE")
+    return f"{key.strip()}={value.strip()}"
+
+
+def split_spec(spec: str) -> tuple[str, list[str]]:
+    """`BASE+KEY=VALUE+...` -> (BASE, ["KEY=VALUE", ...]); BASE is a preset or a TOML path.
+
+    A path may itself contain `+`: the longest `+`-joined prefix that is a preset or an existing
+    file is the base, and everything after it must be overrides.
+    """
+    parts = spec.split("+")
+    for end in range(len(parts), 0, -1):
+        base = "+".join(parts[:end])
+        if base in PRESETS or Path(base).is_file():
+            return base, parts[end:]
+    return parts[0], parts[1:]
+
+
+def load_policy(spec: str, sets: Sequence[str] = ()) -> Policy:
+    """A policy spec (a preset or a TOML file, then `+KEY=VALUE` overrides), then --set ones.
+
+    The policy's name is the spec as written with the --set overrides appended the same way,
+    so two different policies never share a name.
+    """
+    base, items = split_spec(spec)
+    if base in PRESETS:
+        policy = PRESETS[base]
+    elif base.endswith(".toml") or Path(base).exists():
+        policy = load_toml(Path(base))
     else:
-        raise PolicyError(f"unknown policy {spec!r}: not a preset ({', '.join(PRESETS)}) "
-                          "and no such TOML file")
-    return policy.with_overrides(overrides) if overrides else policy
+        close = difflib.get_close_matches(base, PRESETS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UsageError(f"unknown policy {base!r}: not a preset ({', '.join(PRESETS)}) and no "
+                         f"such TOML file{hint}")
+    return policy.with_sets([*items, *sets])
 
 
 def load_toml(path: Path) -> Policy:
