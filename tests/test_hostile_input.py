@@ -676,3 +676,13 @@ def test_text_inputs_are_read_as_utf_8_under_an_ascii_locale(tmp_path):
         assert done.returncode == 0, done.stderr.decode(errors="replace")
     baseline = json.loads((tmp_path / "base.json").read_text(encoding="utf-8"))
     assert baseline["report"]["policy"]["name"] == "paresseux-é"
+
+
+def test_a_tdx_map_gpa_of_2_pow_51_bytes_is_one_error_not_a_billion_chunks(work):
+    """KVM cuts a TDX MapGPA into 2 MiB chunks, one conversion each: 2^30 of them would run for
+    hours, so a MapGPA beyond the model's 1 TiB limit for one event is refused."""
+    (work / "log.txt").write_text(HUGE_MAP_GPA)
+    assert invoke(["import", "log.txt", "-o", "tdx.parquet", "--platform", "tdx"]).exit_code == 0
+    fails(["replay", "tdx.parquet", "--output", "out.json"], 3,
+          "map_gpa of 0x8000000000000 bytes at gpa 0x0 would make more 2 MiB chunks than the "
+          "model's limit of 1 TiB in one event", work)
