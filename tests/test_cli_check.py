@@ -193,11 +193,12 @@ def test_without_policy_the_baselines_policy_replays(tmp_path, trace):
         "dealloc=lazy")
     junit = tmp_path / "j.xml"
     result = run("check", trace, "--baseline", path, "--junit", str(junit))
-    assert result.exit_code == 0 and junit_policy(junit) == "sg"
+    assert result.exit_code == 0 and junit_policy(junit) == "sg+dealloc=lazy"
     # --update without --policy keeps the baseline's policy
     run("check", trace, "--baseline", path, "--update")
     policy = json.loads(open(path).read())["report"]["policy"]
-    assert (policy["name"], policy["exits"], policy["dealloc"]) == ("sg", "batched", "lazy")
+    assert (policy["name"], policy["exits"], policy["dealloc"]) == ("sg+dealloc=lazy", "batched",
+                                                                  "lazy")
 
 
 def test_platform_other_than_the_baselines_is_exit_3(trace, baseline):
