@@ -383,3 +383,40 @@ def test_a_psmash_on_mapping_zaps_every_mapping_of_the_block():
            conversions__set_attributes_calls=2, conversions__to_private_pages=1024,
            conversions__to_shared_pages=1, rmp__updates_2m=1, rmp__psmash=1,
            mappings__2m=1, mappings__4k=3)
+
+
+# --- the RMP's 2 MiB entries over a block's life (found by mutation testing) ------------------
+
+def test_a_block_freed_whole_and_reallocated_gets_a_new_2m_rmp_entry_and_maps_at_2m():
+    """PSMASHed when page 1 is freed, then freed whole: its next folio is allocated while the
+    block is wholly RMP-shared, so it takes one 2 MiB update and maps at 2 MiB again."""
+    r = replay(*PRIVATE_SLOT, npf(0, True), psc(4 * K, 4 * K, "shared"),
+               psc(0, 2 * M, "shared", req=2), psc(0, 2 * M, "private", req=3), npf(0, True),
+               gmem_page="2m")
+    expect(r, exits__userspace__KVM_EXIT_HYPERCALL=3, exits__userspace_total=3,
+           exits__vm__npf=2, exits__vm__vmgexit=3, exits__vm_total=5, npf__recorded=2,
+           conversions__set_attributes_calls=4, conversions__to_private_pages=1536,
+           conversions__to_shared_pages=512, psc__requests=3, psc__entries=3,
+           gmem__folio_splits=1, rmp__updates_4k=512, rmp__updates_2m=2, rmp__psmash=1,
+           directmap__splits=1, mappings__2m=2)
+
+
+def test_a_psmashed_block_maps_at_4k_even_once_its_attributes_are_uniform_again():
+    r = replay(*PRIVATE_SLOT, npf(0, True), npf(2 * M, True),
+               attrs(2 * M - 4 * K, 4 * K, False), npf(0, True),  # PSMASH on mapping
+               attrs(2 * M - 4 * K, 4 * K, True), npf(4 * K, True),  # uniform: still 4 KiB
+               psc(2 * M + 4 * K, 4 * K, "shared"),  # PSMASH on freeing, in block 1
+               gmem_page="2m")
+    expect(r, exits__userspace__KVM_EXIT_HYPERCALL=1, exits__userspace_total=1,
+           exits__vm__npf=6, exits__vm__vmgexit=1, exits__vm_total=7, npf__recorded=4,
+           conversions__set_attributes_calls=4, conversions__to_private_pages=1025,
+           conversions__to_shared_pages=2, psc__requests=1, psc__entries=1,
+           gmem__folio_splits=1, rmp__updates_4k=1, rmp__updates_2m=2, rmp__psmash=2,
+           directmap__splits=1, mappings__4k=2, mappings__2m=2)
+
+
+@pytest.mark.parametrize("directmap", ["split", "unmap"])
+def test_inplace_freeing_pages_the_guest_never_took_private_touches_no_rmp(directmap):
+    r = replay(SLOT, host(0, 8 * K), memslot(0, 0, 0), policy="inplace", directmap=directmap)
+    expect(r, host_access__pages=2)
+    assert (memory(r)["peak_resident"], memory(r)["final_resident"]) == (2, 0)
