@@ -424,14 +424,21 @@ def test_inplace_freeing_pages_the_guest_never_took_private_touches_no_rmp(direc
 
 def test_unmap_restores_a_region_only_once_its_last_private_page_is_freed_every_time():
     """Block 1, directmap=unmap: two private pages split the region once; freeing the first
-    leaves it split, freeing the second restores it; a private page again splits it again,
-    and freeing it restores it again."""
+    leaves it split (a third private page splits nothing), freeing the others restores it; a
+    private page again splits it again, and freeing it restores it again."""
     r = replay(*PRIVATE_SLOT, npf(2 * M, True), npf(2 * M + 4 * K, True),
-               psc(2 * M, 4 * K, "shared"), psc(2 * M + 4 * K, 4 * K, "shared", req=2),
+               psc(2 * M, 4 * K, "shared"), npf(2 * M + 8 * K, True),
+               psc(2 * M + 4 * K, 8 * K, "shared", req=2),
                npf(2 * M, True), psc(2 * M, 4 * K, "shared", req=3), directmap="unmap")
     expect(r, exits__userspace__KVM_EXIT_MEMORY_FAULT=1, exits__userspace__KVM_EXIT_HYPERCALL=3,
-           exits__userspace_total=4, exits__vm__npf=4, exits__vm__vmgexit=3, exits__vm_total=7,
-           npf__recorded=3, conversions__implicit=1, conversions__set_attributes_calls=5,
-           conversions__to_private_pages=1025, conversions__to_shared_pages=3,
-           psc__requests=3, psc__entries=3, rmp__updates_4k=6, directmap__splits=2,
-           directmap__restores=2, mappings__4k=3)
+           exits__userspace_total=4, exits__vm__npf=5, exits__vm__vmgexit=3, exits__vm_total=8,
+           npf__recorded=4, conversions__implicit=1, conversions__set_attributes_calls=5,
+           conversions__to_private_pages=1025, conversions__to_shared_pages=4,
+           psc__requests=3, psc__entries=3, rmp__updates_4k=8, directmap__splits=2,
+           directmap__restores=2, mappings__4k=4)
+
+
+def test_split_counts_each_region_once_and_never_restores():
+    r = replay(*PRIVATE_SLOT, npf(0, True), npf(4 * K, True), npf(2 * M, True),
+               psc(0, 8 * K, "shared"), npf(0, True))
+    assert (r.get("directmap.splits"), r.get("directmap.restores")) == (2, 0)
