@@ -348,7 +348,7 @@ def test_fleet_check_gates_the_totals(fleet_dir, tmp_path):
     assert written.exit_code == 0, written.output
     assert written.output == (f"wrote {base}: 4 traces, policies eager, lazy, 8 guarded totals "
                               "each, tolerance 0%\n")
-    doc = json.loads(base.read_text())
+    doc = json.loads(base.read_text(encoding="utf-8"))
     assert doc["schema"] == "upmtrace.fleet-baseline.v1"
     assert doc["totals"]["eager"]["exits.vm_total"] == 51
     assert [t["path"] for t in doc["traces"]] == [str(fleet_dir / f"flip-{n:02}.parquet")

@@ -503,7 +503,8 @@ def test_a_corrupt_baseline_is_what_update_replaces(work):
     (work / "b.json").write_text("{oops")
     result = invoke(["check", GOOD, "--baseline", "b.json", "--update"])
     assert result.exit_code == 0, result.output
-    assert json.loads((work / "b.json").read_text())["schema"] == "upmtrace.baseline.v1"
+    doc = json.loads((work / "b.json").read_text(encoding="utf-8"))
+    assert doc["schema"] == "upmtrace.baseline.v1"
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -72,7 +72,8 @@ def test_svg_has_one_curve_per_policy_and_panel(trace, tmp_path):
     for panel in ("resident", "duplicate", "exits", "cost"):
         assert sorted(i for i in ids if i.startswith(f"{panel}-")) == sorted(
             f"{panel}-{p}" for p in policies)
-    assert "<!-- lazy vs eager: peak memory: " in out.read_text()  # the headline's text
+    # the headline's text
+    assert "<!-- lazy vs eager: peak memory: " in out.read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize(("args", "code", "message"), [

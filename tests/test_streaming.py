@@ -78,7 +78,7 @@ def test_errors_in_later_batches_name_the_row(tmp_path, monkeypatch, rows, messa
                                       str(out)])
     assert result.exit_code == 3
     assert result.output.strip() == f"Error: {path}, {message}"
-    assert out.read_text() == "precious"
+    assert out.read_text(encoding="utf-8") == "precious"
 
 
 def _small_batches(batches):

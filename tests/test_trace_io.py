@@ -98,9 +98,9 @@ def test_parquet_uses_zstd(tmp_path, table):
 def test_jsonl_omits_nulls_and_csv_leaves_cells_empty(tmp_path, table):
     write_trace(table.slice(0, 1), tmp_path / "t.jsonl")
     write_trace(table.slice(0, 1), tmp_path / "t.csv")
-    assert (tmp_path / "t.jsonl").read_text() == (
+    assert (tmp_path / "t.jsonl").read_text(encoding="utf-8") == (
         '{"ts":0,"kind":"memslot","gpa":0,"size":1073741824,"slot":0,"gmem":true}\n')
-    assert (tmp_path / "t.csv").read_text().splitlines()[1] == (
+    assert (tmp_path / "t.csv").read_text(encoding="utf-8").splitlines()[1] == (
         '0,"memslot",,0,1073741824,,,0,true,,,')
 
 
@@ -128,7 +128,7 @@ def test_reads_plain_strings_and_jsonl_blank_lines(tmp_path, table):
     pq.write_table(plain, tmp_path / "p.parquet")
     assert read_trace(tmp_path / "p.parquet").table.equals(table)
     write_trace(table, tmp_path / "t.jsonl")
-    lines = (tmp_path / "t.jsonl").read_text().splitlines()
+    lines = (tmp_path / "t.jsonl").read_text(encoding="utf-8").splitlines()
     (tmp_path / "b.jsonl").write_text("\n\n".join(lines) + "\n\n")
     assert read_trace(tmp_path / "b.jsonl").table.equals(table)
 
