@@ -442,3 +442,10 @@ def test_split_counts_each_region_once_and_never_restores():
     r = replay(*PRIVATE_SLOT, npf(0, True), npf(4 * K, True), npf(2 * M, True),
                psc(0, 8 * K, "shared"), npf(0, True))
     assert (r.get("directmap.splits"), r.get("directmap.restores")) == (2, 0)
+
+
+def test_prefault_of_private_pages_uses_the_gmem_page_size_not_the_shared_one():
+    """gmem_page 4k, shared_page 2m: prefaulting 4 private pages allocates 4 single pages."""
+    r = replay(*PRIVATE_SLOT, psc(0, 16 * K, "private"), policy="prefault", shared_page="2m")
+    assert r.get("mappings.4k") == 4 and r.get("mappings.2m") == 0
+    assert (memory(r)["peak_private"], memory(r)["peak_shared"]) == (4, 0)
