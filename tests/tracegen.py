@@ -15,7 +15,9 @@ PLATFORMS = ("snp", "tdx", "sw")
 ZONE = 3 * 2 * M  # slot i lives in [i * ZONE, (i + 1) * ZONE): moves never overlap
 SPACE = 4 * ZONE  # events also reach the gaps and the zone of no slot
 
-def knobs_strategy(with_vfio_populate: bool) -> st.SearchStrategy[dict]:
+def knobs_strategy(with_vfio_populate: bool, vfio_modes: tuple[str, ...] = ("none", "pin-all",
+                                                                      "on-convert")
+                   ) -> st.SearchStrategy[dict]:
     knobs = {
         "dealloc": st.sampled_from(["eager", "lazy", "aligned-2m"]),
         "lazy_limit": st.sampled_from([0, 4 * K, 16 * K, 64 * K, 2 * M]),
@@ -27,7 +29,7 @@ def knobs_strategy(with_vfio_populate: bool) -> st.SearchStrategy[dict]:
         "prefault": st.booleans(),
     }
     if with_vfio_populate:
-        knobs["vfio"] = st.sampled_from(["none", "pin-all", "on-convert"])
+        knobs["vfio"] = st.sampled_from(vfio_modes)
     return st.fixed_dictionaries(knobs)
 
 
