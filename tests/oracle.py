@@ -245,7 +245,9 @@ class Oracle:
             if pinned:
                 self.c["vfio.dma_unmap_calls"] += 1
                 self.pinned.difference_update(pinned)
-        else:
+        elif any(g not in self.pinned for g in in_gmem):
+            # a range already mapped and pinned whole needs no call (QEMU's RamDiscardManager
+            # notifies its listeners only of a state change), as unmapping needs a pinned page
             self.c["vfio.dma_map_calls"] += 1
             self.alloc(False, [g for g in in_gmem if not (self.inplace and self.attr(g))])
             self.pinned.update(in_gmem)

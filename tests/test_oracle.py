@@ -22,10 +22,7 @@ from upmtrace.policy import PRESETS
 # differential draws them too. Until then the oracle's rules for them are pinned by the
 # scenario tests below only.
 ENGINE_HAS_VFIO_POPULATE = "vfio" in PRESETS["eager"].to_json()
-# the vfio modes the differential draws; "on-convert" is out while the engine and the oracle
-# disagree on when a conversion to shared makes a DMA-map call (one per conversion whose range
-# touches a guest_memfd slot, in the oracle)
-VFIO_MODES = ("none", "pin-all")
+VFIO_MODES = ("none", "pin-all", "on-convert")
 
 reached = {"examples": 0, "replayed": 0}
 
