@@ -1,4 +1,4 @@
-"""A deliberately naive model of the replay rules (docs/model.md), to check the engine against.
+"""A deliberately naive model of the replay rules, to check the engine against.
 
 Per 4 KiB guest frame it keeps plain sets and dicts (no bitmaps, no runs) and it shares no code
 with upmtrace.model, upmtrace.engine or upmtrace.fast: a rule implemented wrongly there is not
