@@ -126,7 +126,7 @@ def test_random_csv_headers_and_cells(header, rows):
     lines = [",".join(header), *(",".join(row) for row in rows)]
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "t.csv"
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         read_or_refuse(path)
 
 
