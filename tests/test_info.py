@@ -46,7 +46,7 @@ def test_summarize(trace_path):
     summary = summarize(trace)
     assert list(summary) == ["path", "sha256", "platform", "source", "events",
                              "events_by_kind", "vcpus", "time", "memslots", "memslot_bytes",
-                             "gmem_bytes", "recorded"]
+                             "gmem_bytes", "populate_bytes", "recorded"]
     assert summary["path"] == str(trace_path)
     assert summary["sha256"] == trace.sha256
     assert (summary["platform"], summary["source"], summary["events"]) == ("tdx", "hand made", 10)
@@ -71,7 +71,18 @@ def test_json_output(trace_path):
     result = CliRunner().invoke(cli, ["info", str(trace_path), "--format", "json"])
     assert result.exit_code == 0, result.output
     assert result.stdout.endswith("}\n")
-    assert json.loads(result.stdout) == summarize(read_trace(trace_path))
+    doc = json.loads(result.stdout)
+    assert doc["path"] == str(trace_path) and len(doc["sha256"]) == 64
+    assert (doc["platform"], doc["source"], doc["events"]) == ("tdx", "hand made", 10)
+    assert doc["events_by_kind"] == {"memslot": 4, "set_attributes": 1, "npf": 2, "psc": 2,
+                                     "map_gpa": 0, "host_access": 1, "populate": 0}
+    assert doc["vcpus"] == [0, 1, 3]
+    assert doc["time"] == {"first_ts": 1000, "last_ts": 1_500_001_000,
+                           "duration_ns": 1_500_000_000}
+    assert [(m["event"], m["action"]) for m in doc["memslots"]] == [
+        (1, "add"), (2, "add"), (8, "move"), (10, "delete")]
+    assert (doc["memslot_bytes"], doc["gmem_bytes"]) == (128 * MIB, 0)
+    assert doc["recorded"] == RECORDED
 
 
 def test_table_output(trace_path):
@@ -112,3 +123,25 @@ def test_help_and_usage_errors(trace_path):
     assert "events by kind" in runner.invoke(cli, ["info", "--help"]).stdout
     assert runner.invoke(cli, ["info", str(trace_path), "--format", "xml"]).exit_code == 2
     assert runner.invoke(cli, ["info", str(trace_path), "--platform", "arm"]).exit_code == 2
+
+
+def test_populate_rows_are_counted_and_their_bytes_summed(tmp_path):
+    rows = ROWS[:3] + [
+        {"ts": 1200, "kind": "populate", "gpa": 0x100000, "size": 6 * MIB},
+        {"ts": 1300, "kind": "populate", "gpa": 0x800000, "size": 0x9000},
+    ] + ROWS[3:]
+    path = tmp_path / "launch.jsonl"
+    write_trace(from_rows(rows), path, platform="snp")
+    summary = summarize(read_trace(path))
+    assert summary["events_by_kind"]["populate"] == 2
+    assert summary["populate_bytes"] == 6 * MIB + 0x9000
+    out = CliRunner().invoke(cli, ["info", str(path)]).stdout
+    populated = [line for line in out.splitlines() if "populated bytes" in line]
+    assert len(populated) == 1 and "6.0 MiB" in populated[0], populated
+    kinds = {line.split()[1]: line.split()[3] for line in out.splitlines()
+             if line.startswith("│") and line.split()[1] == "populate"}
+    assert kinds == {"populate": "2"}
+
+
+def test_populate_bytes_is_zero_without_populate(trace_path):
+    assert summarize(read_trace(trace_path))["populate_bytes"] == 0

@@ -11,10 +11,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from upmtrace.costs import default_costs, estimate
+from upmtrace.errors import InputError
 from upmtrace.model.bits import block_spans
 from upmtrace.model.machine import POPULATE_LIMIT_PAGES, PRIVATE, SHARED, Machine
 from upmtrace.policy import PRESETS, Policy
 from upmtrace.timeline import Timeline
+from upmtrace.timing import add_timing
 from upmtrace.trace.schema import (
     BLOCK_SIZE,
     MSR_REQ,
@@ -228,6 +230,10 @@ class Engine:
         if self.platform is Platform.TDX:
             count["exits.vm.tdvmcall"] += 1
             if self.policy.exits != "batched":
+                if size > POPULATE_LIMIT_PAGES * PAGE_SIZE:  # one conversion per 2 MiB chunk
+                    raise InputError(f"map_gpa of {size:#x} bytes at gpa {gpa:#x} would make "
+                                     "more 2 MiB chunks than the model's limit of 1 TiB in one "
+                                     "event")
                 for start in range(gpa, gpa + size, BLOCK_SIZE):
                     count["exits.userspace.KVM_EXIT_HYPERCALL"] += 1
                     self.convert_bytes(start, min(BLOCK_SIZE, gpa + size - start), private)
@@ -360,7 +366,7 @@ def iter_rows(table: pa.Table, batch_rows: int = BATCH_ROWS) -> Iterator[Row]:
 def replay(trace, policy: Policy | None = None, *, platform: str | None = None,
            costs: dict[str, int] | None = None, paranoid: bool = False,
            batch_rows: int = BATCH_ROWS, timeline: Timeline | None = None,
-           reference: bool = False) -> Result:
+           reference: bool = False, by_vcpu: bool = False) -> Result:
     """Replay a Trace (or a bare SCHEMA table) under a policy; returns the report (docs/report.md).
 
     The batch path (upmtrace.fast) is used unless `reference` or `paranoid` asks for the
@@ -383,7 +389,9 @@ def replay(trace, policy: Policy | None = None, *, platform: str | None = None,
         from upmtrace.fast import run_batches
 
         run_batches(engine, batches)
-    return Result(engine.report(info, recorded, costs))
+    report = engine.report(info, recorded, costs)
+    add_timing(report, trace, plat, recorded, per_vcpu=by_vcpu)  # the recorded time, if any
+    return Result(report)
 
 
 __all__ = ["Engine", "Result", "replay", "PRIVATE", "SHARED"]
