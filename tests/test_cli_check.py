@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from scenario import K, M, attrs, memslot, npf, psc, table
 
 from upmtrace.cli import cli
-from upmtrace.gate import expand_metrics, status
+from upmtrace.gate.check import expand_metrics, status
 from upmtrace.trace.io import read_trace, write_trace
 
 # One PSC request with a run of two contiguous entries: one exit coalesced, two per entry.

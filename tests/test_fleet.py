@@ -279,7 +279,7 @@ def test_dask_missing_is_a_usage_error(fleet_dir, monkeypatch):
 
 
 def test_the_core_does_not_import_dask():
-    code = ("import sys, upmtrace, upmtrace.cli, upmtrace.fleet, upmtrace.fleet_gate, "
+    code = ("import sys, upmtrace, upmtrace.cli, upmtrace.fleet, upmtrace.gate.fleet, "
             "upmtrace.report.fleet; "
             "assert not {'dask', 'distributed'} & set(sys.modules), 'dask imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

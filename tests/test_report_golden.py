@@ -16,7 +16,7 @@ from test_cli_compare import ROWS
 
 from upmtrace.compare import compare
 from upmtrace.engine import Result, replay
-from upmtrace.gate import Outcome, Verdict, status
+from upmtrace.gate.check import Outcome, Verdict, status
 from upmtrace.policy import PRESETS
 from upmtrace.report import check as check_report
 from upmtrace.report import compare as compare_report

@@ -371,9 +371,9 @@ def check(ctx: click.Context, trace: str, baseline: str, policy_spec: str | None
     """
     from fractions import Fraction
 
-    from upmtrace import gate
     from upmtrace.atomic import write_text
     from upmtrace.costs import load_costs
+    from upmtrace.gate import check as gate
     from upmtrace.report.check import RENDERERS
 
     request = gate.Request(
@@ -538,10 +538,10 @@ def fleet_check(ctx: click.Context, baseline: str, policy_specs: tuple[str, ...]
     """
     from fractions import Fraction
 
-    from upmtrace import fleet_gate as gate
     from upmtrace.atomic import write_text
     from upmtrace.costs import load_costs
     from upmtrace.fleet import write_results
+    from upmtrace.gate import fleet as gate
     from upmtrace.report.check import RENDERERS
 
     request = gate.Request(

@@ -8,7 +8,7 @@ from fractions import Fraction
 
 from rich.table import Table
 
-from upmtrace.gate import Outcome, Verdict
+from upmtrace.gate.check import Outcome, Verdict
 from upmtrace.report.compare import rstrip
 from upmtrace.report.table import to_text
 

@@ -1,4 +1,4 @@
-"""The CI gate on fleet totals (`upmtrace fleet check`): gate.py's rule, per policy and metric.
+"""The CI gate on fleet totals (`upmtrace fleet check`): check.py's rule, per policy and metric.
 
 The baseline (schema upmtrace.fleet-baseline.v1) records the traces (path and sha256), the
 policies (name and knobs), every integer total per policy, and what it guards:
@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from upmtrace.atomic import write_text
-from upmtrace.baseline import is_percentage, loads
 from upmtrace.errors import InputError, PolicyError, UpmtraceError, UsageError
 from upmtrace.fleet import TOTALLED, Executor, Fleet, run, summarize
-from upmtrace.gate import DEFAULT_METRICS, Outcome, Verdict, status
+from upmtrace.gate.baseline import is_percentage, loads
+from upmtrace.gate.check import DEFAULT_METRICS, Outcome, Verdict, status
 from upmtrace.policy import PRESETS, Policy, load_policy, parse_overrides
 
 SCHEMA_ID = "upmtrace.fleet-baseline.v1"
