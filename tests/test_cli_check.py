@@ -172,8 +172,8 @@ def test_a_toml_policy_of_the_same_name_with_other_knobs_is_compared(tmp_path, t
     assert run("check", trace, "--baseline", path, "--policy", str(policy),
                "--update").exit_code == 0
     policy.write_text('exits = "per-entry"\n')
-    result = run("check", trace, "--baseline", path, "--policy", str(policy))
-    assert result.exit_code == 1 and "policy mine" in result.output
+    result = run("check", trace, "--baseline", path, "--policy", str(policy), "--format", "json")
+    assert result.exit_code == 1 and json.loads(result.output)["policy"] == "mine"
     # without --policy the baseline's recorded knobs are used, not the edited file
     assert run("check", trace, "--baseline", path).exit_code == 0
 
@@ -182,12 +182,13 @@ def test_without_policy_the_baselines_policy_replays(tmp_path, trace):
     path = str(tmp_path / "b.json")
     run("check", trace, "--baseline", path, "--update", "--policy", "sg", "--set",
         "dealloc=lazy")
-    result = run("check", trace, "--baseline", path)
-    assert result.exit_code == 0 and "policy sg" in result.output
-    # --update without --policy keeps the baseline's policy
+    result = run("check", trace, "--baseline", path, "--format", "json")
+    assert result.exit_code == 0 and json.loads(result.output)["policy"] == "sg+dealloc=lazy"
+    # --update without --policy keeps the baseline's policy (its name includes the override)
     run("check", trace, "--baseline", path, "--update")
     policy = json.loads(open(path).read())["report"]["policy"]
-    assert (policy["name"], policy["exits"], policy["dealloc"]) == ("sg", "batched", "lazy")
+    assert (policy["name"], policy["exits"], policy["dealloc"]) == (
+        "sg+dealloc=lazy", "batched", "lazy")
 
 
 def test_platform_other_than_the_baselines_is_exit_3(trace, baseline):

@@ -21,7 +21,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from upmtrace.atomic import write_atomic
+from upmtrace.atomic import STDOUT, write_atomic
 from upmtrace.errors import TraceError, UsageError
 from upmtrace.trace.cast import Rows, accepts, conform, value_message
 from upmtrace.trace.schema import (
@@ -118,7 +118,12 @@ class Loaded:
 def read_trace(path: str | os.PathLike, *, platform: str | None = None) -> Trace:
     """Read, type-check and validate a trace; `platform` overrides the file's metadata."""
     path = str(path)
-    fmt = _format_of(path)
+    if os.path.isdir(path):
+        raise TraceError(f"is a directory, not a trace file ({IMPORT_HINT})", path=path)
+    try:
+        fmt = _format_of(path)
+    except TraceError as err:
+        raise TraceError(f"{err}; {IMPORT_HINT}") from None
     digest = _sha256(path)
     if fmt == "parquet" and (streamed := _open_parquet_streamed(path)) is not None:
         table, metadata = None, streamed.schema_arrow.metadata
@@ -149,7 +154,13 @@ def _open_parquet_streamed(path: str) -> pq.ParquetFile | None:
     return file
 
 
+IMPORT_HINT = "a recording (trace-cmd, perf or ftrace text, a QEMU -trace log) is converted " \
+              "with `upmtrace import LOG... -o OUT.parquet`"
+
+
 def _format_of(path: str) -> str:
+    if path == STDOUT:
+        return "parquet"  # standard output takes the default format
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
         raise TraceError(f"unknown trace format {repr(suffix) if suffix else '(no extension)'} "
