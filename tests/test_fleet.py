@@ -27,7 +27,7 @@ from upmtrace.fleet import (
     summarize,
 )
 from upmtrace.policy import PRESETS
-from upmtrace.trace.io import read_trace, write_trace
+from upmtrace.trace.io import IMPORT_HINT, read_trace, write_trace
 
 SIZES = (1, 2, 4, 10)  # pages each trace first touches private, then shared
 
@@ -108,7 +108,7 @@ def test_the_results_file_is_never_a_trace(fleet_dir):
               "*.csv)"),
     ("*.nothing", "no trace file matches '*.nothing'"),
     ("notes.txt", "notes.txt: not a trace file name (expected *.parquet, *.arrow, *.feather, "
-                  "*.jsonl, *.csv)"),
+                  f"*.jsonl, *.csv); {IMPORT_HINT}"),
 ])
 def test_naming_no_trace_is_an_input_error(tmp_path, monkeypatch, arg, message):
     monkeypatch.chdir(tmp_path)

@@ -478,11 +478,12 @@ def check(ctx: click.Context, trace: str, baseline: str, policy_spec: str | None
 
     aside = check_outputs(Out(baseline if update else None, "--baseline", parents=True),
                           Out(junit, "--junit", parents=True), Out(output, "--output"))
-    request = gate.Request(
-        baseline, policy_spec, overrides,
-        load_costs(costs_file) if costs_file else None, platform,
-        None if tolerance is None else Fraction(str(tolerance)), metrics, allow_trace_change)
     with junit_always(junit, f"upmtrace check {trace}"):
+        request = gate.Request(
+            baseline, policy_spec, overrides,
+            load_costs(costs_file) if costs_file else None, platform,
+            None if tolerance is None else Fraction(str(tolerance)), metrics,
+            allow_trace_change)
         if update:
             written = gate.update(trace, request, watched)
             note = (f"wrote {baseline}: policy {written.result.report['policy']['name']}, "
@@ -535,7 +536,11 @@ class junit_always:  # noqa: N801 - used as a context manager, like contextlib's
             from upmtrace.atomic import write_text
             from upmtrace.report.check import junit_error
 
-            write_text(self.junit, junit_error(self.suite, f"Error: {err}"), make_parents=True)
+            try:
+                write_text(self.junit, junit_error(self.suite, f"Error: {err}"),
+                           make_parents=True)
+            except UpmtraceError:
+                pass  # the JUnit file itself cannot be written: the first error says enough
 
 
 # --- fleet (run, check) --------------------------------------------------------------------
@@ -679,16 +684,17 @@ def fleet_check(ctx: click.Context, baseline: str, policy_specs: tuple[str, ...]
     from upmtrace.fleet import write_results
     from upmtrace.gate import fleet as gate
 
-    request = gate.Request(
-        baseline, policy_specs, overrides,
-        load_costs(costs_file) if costs_file else None, platform,
-        None if tolerance is None else Fraction(str(tolerance)), metrics, allow_trace_change)
-    paths, runner, aside = _fleet_setup(
-        traces, output, executor, scheduler, workers,
-        Out(baseline if update else None, "--baseline", parents=True),
-        Out(junit, "--junit", parents=True))
     suite = f"upmtrace fleet check {baseline}"
     with junit_always(junit, suite):
+        request = gate.Request(
+            baseline, policy_specs, overrides,
+            load_costs(costs_file) if costs_file else None, platform,
+            None if tolerance is None else Fraction(str(tolerance)), metrics,
+            allow_trace_change)
+        paths, runner, aside = _fleet_setup(
+            traces, output, executor, scheduler, workers,
+            Out(baseline if update else None, "--baseline", parents=True),
+            Out(junit, "--junit", parents=True))
         with pairs(None) as progress:
             if update:
                 written, table = gate.update(paths, request, runner, progress)

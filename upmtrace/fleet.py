@@ -30,6 +30,7 @@ from upmtrace.atomic import write_atomic
 from upmtrace.costs import DEFAULTS as COSTS
 from upmtrace.errors import InputError, UpmtraceError, UsageError
 from upmtrace.policy import KNOBS, Policy, check_distinct
+from upmtrace.trace.io import IMPORT_HINT
 
 SCHEMA_ID = "upmtrace.fleet.v1"  # the summary JSON
 RESULTS_ID = "upmtrace.fleet-results.v1"  # the results table (Parquet schema metadata)
@@ -125,8 +126,8 @@ def _is_trace_name(name: str) -> bool:
 
 def _check_suffix(path: str) -> str:
     if not path.lower().endswith(TRACE_SUFFIXES):
-        raise InputError(f"not a trace file name (expected *{', *'.join(TRACE_SUFFIXES)})",
-                         path=path)
+        raise InputError(f"not a trace file name (expected *{', *'.join(TRACE_SUFFIXES)}); "
+                         f"{IMPORT_HINT}", path=path)
     return path
 
 
