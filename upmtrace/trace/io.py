@@ -21,7 +21,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from upmtrace.atomic import STDOUT, write_atomic
+from upmtrace.atomic import STDOUT, is_special, write_atomic
 from upmtrace.errors import TraceError, UsageError
 from upmtrace.trace.cast import Rows, accepts, conform, value_message
 from upmtrace.trace.schema import (
@@ -159,8 +159,8 @@ IMPORT_HINT = "a recording (trace-cmd, perf or ftrace text, a QEMU -trace log) i
 
 
 def _format_of(path: str) -> str:
-    if path == STDOUT:
-        return "parquet"  # standard output takes the default format
+    if path == STDOUT or (not Path(path).suffix and is_special(path)):
+        return "parquet"  # standard output, /dev/null, a FIFO: the default format
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
         raise TraceError(f"unknown trace format {repr(suffix) if suffix else '(no extension)'} "

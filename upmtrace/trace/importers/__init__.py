@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from upmtrace.atomic import STDOUT, scratch_beside
+from upmtrace.atomic import is_special, scratch_beside
 from upmtrace.errors import InputError, UsageError
 from upmtrace.trace.importers import ftrace, qemu
 from upmtrace.trace.importers.common import (
@@ -110,7 +110,7 @@ class LogFile:
 
 def import_logs(paths: list[str] | tuple[str, ...], out: str, options: Options) -> ImportSummary:
     """Import LOGs into the trace `out`; InputError when no line of them was usable."""
-    if out != STDOUT and Path(out).suffix.lower() not in SUFFIXES:
+    if not is_special(out) and Path(out).suffix.lower() not in SUFFIXES:
         raise UsageError(f"{out}: unknown trace format (supported: {', '.join(SUFFIXES)})")
     check_memslots(options.memslots)
     files = [LogFile(path, options.fmt or detect(path)) for path in paths]
