@@ -13,7 +13,7 @@ from rich.text import Text
 
 from upmtrace.compare import Comparison
 from upmtrace.report.csv import flatten
-from upmtrace.report.table import ns, to_text
+from upmtrace.report.table import knob, ns, to_text
 from upmtrace.units import human_bytes
 
 # How a metric's value and its delta are written.
@@ -90,10 +90,10 @@ def _head(comparison: Comparison) -> str:
     lines = [f"{trace['path'] or '<table>'}: {trace['events']:,} events, "
              f"platform {trace['platform']}"]
     first, *others = [r.report["policy"] for r in comparison.results]
-    knobs = ", ".join(f"{k}={_show(v)}" for k, v in first.items() if k != "name")
+    knobs = ", ".join(f"{k}={knob(k, v)}" for k, v in first.items() if k != "name")
     lines.append(f"policy {first['name']}: {knobs}")
     for policy in others:
-        diff = ", ".join(f"{k}={_show(v)}" for k, v in policy.items()
+        diff = ", ".join(f"{k}={knob(k, v)}" for k, v in policy.items()
                          if k != "name" and v != first.get(k))
         lines.append(f"policy {policy['name']}: {diff or 'the same knobs'} "
                      f"(otherwise as {first['name']})")
