@@ -16,7 +16,7 @@ import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from upmtrace.errors import UpmtraceError, UsageError
 
@@ -83,6 +83,48 @@ def check_output(path: str | os.PathLike, option: str, *, binary: str | None = N
         writable = os.access(folder, os.W_OK | os.X_OK)
     if not writable:
         raise UpmtraceError(f"{name}: cannot write ({os.strerror(errno.EACCES)})")
+
+
+class Out(NamedTuple):
+    """An output option: its path (None: not given), its name, the binary format it writes
+    (None: text) and whether missing folders are created."""
+
+    path: str | None
+    option: str
+    binary: str | None = None
+    parents: bool = False
+
+
+def check_outputs(*outputs: Out) -> bool:
+    """Check every output before any work; True when one of them is `-` (standard output),
+    and the command's own text then goes to standard error."""
+    to_stdout = [o.option for o in outputs if o.path == STDOUT]
+    if len(to_stdout) > 1:
+        raise UsageError(f"{' and '.join(to_stdout)} both name standard output (-); name a "
+                         "file for all but one")
+    for o in outputs:
+        if o.path is not None:
+            check_output(o.path, o.option, binary=o.binary, make_parents=o.parents)
+    return bool(to_stdout)
+
+
+def trace_binary(path: str) -> str | None:
+    """The binary format a trace written to `path` takes (`-` is Parquet); None for text."""
+    suffix = os.path.splitext(path)[1].lower()
+    if path == "-" or suffix == ".parquet":
+        return "Parquet"
+    return "Arrow IPC" if suffix in (".arrow", ".feather") else None
+
+
+def size_of(path: str) -> str:
+    """' (12.0 MiB)' for a regular file; '' for standard output, a device or a FIFO."""
+    from upmtrace.units import human_bytes
+
+    try:
+        info = os.stat(path)
+    except OSError:
+        return ""
+    return f" ({human_bytes(info.st_size)})" if stat.S_ISREG(info.st_mode) else ""
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None], *,

@@ -11,7 +11,8 @@ from typing import NamedTuple
 
 import click
 
-from upmtrace.errors import UpmtraceError, UsageError
+from upmtrace.atomic import Out, check_outputs, size_of, trace_binary
+from upmtrace.errors import UpmtraceError
 
 INTERRUPTED = 128 + signal.SIGINT  # 130; SIGTERM is 143 (main)
 
@@ -112,39 +113,6 @@ def screen(stream=None) -> Screen:
 FILE = Screen(None, False)  # what a report written to --output is drawn for
 
 
-class Out(NamedTuple):
-    """An output option: its path (None: not given), its name, the binary format it writes
-    (None: text) and whether missing folders are created."""
-
-    path: str | None
-    option: str
-    binary: str | None = None
-    parents: bool = False
-
-
-def check_outputs(*outputs: Out) -> bool:
-    """Check every output before any work; True when one of them is `-` (standard output),
-    and the command's own text then goes to standard error."""
-    from upmtrace.atomic import STDOUT, check_output
-
-    to_stdout = [o.option for o in outputs if o.path == STDOUT]
-    if len(to_stdout) > 1:
-        raise UsageError(f"{' and '.join(to_stdout)} both name standard output (-); name a "
-                         "file for all but one")
-    for o in outputs:
-        if o.path is not None:
-            check_output(o.path, o.option, binary=o.binary, make_parents=o.parents)
-    return bool(to_stdout)
-
-
-def trace_binary(path: str) -> str | None:
-    """The binary format a trace written to `path` takes (`-` is Parquet); None for text."""
-    suffix = os.path.splitext(path)[1].lower()
-    if path == "-" or suffix == ".parquet":
-        return "Parquet"
-    return "Arrow IPC" if suffix in (".arrow", ".feather") else None
-
-
 def say(text: str, aside: bool) -> None:
     """The command's own text (a table, `wrote ...`): on standard error when `aside` (an
     output took standard output)."""
@@ -222,19 +190,6 @@ def synth(workload: str, out: str, memory: int, vcpus: int, seed: int,
     result = synthesize(workload, memory=memory, vcpus=vcpus, seed=seed, platform=platform)
     write_trace(result.table, out, platform=result.platform, source=result.source)
     say(f"{result.table.num_rows} rows written to {out}{size_of(out)}", aside)
-
-
-def size_of(path: str) -> str:
-    """' (12.0 MiB)' for a regular file; '' for standard output, a device or a FIFO."""
-    import stat
-
-    from upmtrace.units import human_bytes
-
-    try:
-        info = os.stat(path)
-    except OSError:
-        return ""
-    return f" ({human_bytes(info.st_size)})" if stat.S_ISREG(info.st_mode) else ""
 
 
 @cli.command("import")
