@@ -12,7 +12,7 @@ K, M = 1 << 10, 1 << 20
 
 # every integer counter of the report, by section, outside memory/cost/trace/policy
 COUNTER_GROUPS = ("exits", "npf", "conversions", "psc", "gmem", "rmp", "directmap", "mappings",
-                  "host_access")
+                  "host_access", "populate", "vfio")
 
 
 def table(*rows: dict) -> pa.Table:
@@ -45,6 +45,10 @@ def host(gpa: int, size: int, write: bool = True, agent: str = "virtio") -> dict
             "agent": agent}
 
 
+def populate(gpa: int, size: int) -> dict:
+    return {"kind": "populate", "vcpu": -1, "gpa": gpa, "size": size}
+
+
 def engine(*rows: dict, policy: str = "eager", platform: str = "snp", **knobs) -> Engine:
     """Replay rows with invariants checked after every event; the Engine, for its state."""
     eng = Engine(PRESETS[policy].with_overrides(knobs), Platform(platform), paranoid=True)
@@ -56,6 +60,15 @@ def replay(*rows: dict, policy: str = "eager", platform: str = "snp", **knobs) -
     eng = engine(*rows, policy=policy, platform=platform, **knobs)
     return Result(eng.report({"path": None, "sha256": None, "events": len(rows),
                               "platform": platform}, None, None))
+
+
+def replay_rows(rows: list[dict], reference: bool, policy: str = "eager",
+                platform: str = "snp", **knobs) -> Result:
+    """Through upmtrace.replay: the row-by-row reference loop or the batch path."""
+    from upmtrace.engine import replay as run
+
+    return run(table(*rows), PRESETS[policy].with_overrides(knobs), platform=platform,
+               reference=reference)
 
 
 def counters(result: Result) -> dict[str, int]:

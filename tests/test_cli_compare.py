@@ -146,3 +146,13 @@ def test_process_pool_gives_the_same_bytes_in_policy_order(trace):
     inline = compare(loaded, policies, workers=1)
     assert pooled.names == ["sg", "eager", "lazy"]
     assert pooled.to_json() == inline.to_json()
+
+
+def test_pinned_memory_rows_appear_when_a_policy_has_a_device(trace, tmp_path):
+    assert "vfio." not in run("compare", trace, "--policy", "eager", "--policy", "lazy").output
+    path = tmp_path / "pinned.toml"
+    path.write_text('vfio = "pin-all"\n')
+    result = run("compare", trace, "--policy", "eager", "--policy", str(path))
+    assert result.exit_code == 0, result.output
+    assert row(result.output, "vfio.pinned_peak_bytes")[1:3] == ["0 B *", "4.0 MiB"]
+    assert row(result.output, "vfio.dma_map_calls")[1:3] == ["0 *", "1"]

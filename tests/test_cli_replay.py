@@ -175,3 +175,19 @@ def test_total_is_compared_over_the_recorded_levels_only(tmp_path):
 
 def cells(line: str) -> list[str]:
     return [c.strip() for c in line.split("│")[1:-1]]
+
+
+def test_vfio_pinned_memory_shows_in_the_table_and_json(trace, monkeypatch, tmp_path):
+    monkeypatch.setenv("COLUMNS", "160")
+    result = run("replay", trace, "--set", "vfio=pin-all")
+    assert result.exit_code == 0
+    assert "peak pinned (VFIO)" in result.output and "VFIO DMA map / unmap calls" in result.output
+    assert "peak pinned" not in run("replay", trace).output  # no device: no rows
+    path = tmp_path / "dev.toml"
+    path.write_text('vfio = "on-convert"\n')
+    report = json.loads(run("replay", trace, "--policy", str(path), "--format", "json").output)
+    assert report["policy"]["vfio"] == "on-convert"
+    assert report["vfio"]["dma_map_calls"] == 1 and report["vfio"]["pinned_final_bytes"] == 8 * K
+    bad = run("replay", trace, "--set", "vfio=some")
+    assert (bad.exit_code, bad.output.strip()) == (3, "Error: policy knob 'vfio' cannot be "
+                                                      "'some' (one of none, pin-all, on-convert)")

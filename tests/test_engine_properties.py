@@ -6,7 +6,7 @@ import json
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scenario import K, M, attrs, host, map_gpa, memslot, npf, psc, table
+from scenario import K, M, attrs, host, map_gpa, memslot, npf, populate, psc, table
 
 from upmtrace.engine import Engine, iter_rows, replay
 from upmtrace.policy import KNOBS, PRESETS, Policy
@@ -23,6 +23,7 @@ event = st.one_of(
     st.builds(npf, page.map(lambda a: a + 0x10), st.booleans(), st.integers(0, 1)),
     st.builds(map_gpa, page, pages, st.booleans()),
     st.builds(host, page, pages),
+    st.builds(populate, page, pages),
     st.lists(st.builds(psc, st.one_of(page, st.integers(0, 3).map(lambda b: b * 2 * M)),
                        st.sampled_from([4 * K, 8 * K, 2 * M]),
                        st.sampled_from(["private", "shared", "psmash", "unsmash"]),
@@ -56,12 +57,13 @@ def valid_slots(rows):
 
 
 policies = st.builds(
-    lambda base, dealloc, limit, gmem, shared, dm, prefault: PRESETS[base].with_overrides(
+    lambda base, dealloc, limit, gmem, shared, dm, prefault, vfio: PRESETS[base].with_overrides(
         {"dealloc": dealloc, "lazy_limit": limit, "gmem_page": gmem, "shared_page": shared,
-         "directmap": dm, "prefault": prefault}),
+         "directmap": dm, "prefault": prefault, "vfio": vfio}),
     st.sampled_from(sorted(PRESETS)), st.sampled_from(KNOBS["dealloc"][0]),
     st.sampled_from([0, 4 * K, 64 * K]), st.sampled_from(["4k", "2m"]),
-    st.sampled_from(["4k", "2m"]), st.sampled_from(KNOBS["directmap"][0]), st.booleans())
+    st.sampled_from(["4k", "2m"]), st.sampled_from(KNOBS["directmap"][0]), st.booleans(),
+    st.sampled_from(KNOBS["vfio"][0]))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -104,5 +106,90 @@ def test_every_preset_reports_every_section_6_key():
             "peak_resident_bytes", "peak_shared_bytes", "peak_private_bytes",
             "peak_duplicate_bytes", "final_resident_bytes", "touched_bytes", "ratio_to_touched"}
         assert isinstance(report["memory"]["ratio_to_touched"], float)
+        assert all(isinstance(report["populate"][k], int)
+                   for k in ("calls", "pages", "skipped_pages"))
+        assert all(isinstance(report["vfio"][k], int) for k in (
+            "dma_map_calls", "dma_unmap_calls", "pinned_peak_bytes", "pinned_final_bytes"))
+        assert policy.vfio == "none"  # no preset has an assigned device
         assert set(report["cost"]) >= {"total_ns", "by_category"}
         assert isinstance(Policy(**policy.to_json()), Policy)
+
+
+class StaleShadow:
+    """The definition of a stale copy (lazy dealloc), recomputed page by page beside a Machine.
+
+    A conversion to p leaves every resident copy on the other side of its range stale with the
+    conversion's age (an already-stale copy keeps its age; a copy pinned for DMA is not stale:
+    it cannot be discarded); a page whose attribute changes to p has its copy on side p live
+    again (set_attributes rows included); a freed copy is no longer stale; when a conversion
+    added stale copies and they exceed lazy_limit, the oldest (lowest age, then lowest gfn) are
+    freed.
+    """
+
+    def __init__(self, eng: Engine) -> None:
+        self.m = m = eng.m
+        self.stale: dict[tuple[bool, int], int] = {}  # (side, gfn) -> age
+        self.age = 0
+        self.set_attributes, self.convert = m.set_attributes, m.convert
+        m.set_attributes, m.convert = self.on_set_attributes, self.on_convert
+
+    def resident(self, side: bool, gfn: int) -> bool:
+        return self.m.pools[side].resident(gfn >> 9, 1 << (gfn & 511))
+
+    def pinned(self, side: bool, gfn: int) -> bool:
+        """After the conversion's DMA unmap: only a shared copy can be pinned."""
+        return side is False and self.m.vfio.bitmap(gfn >> 9) >> (gfn & 511) & 1 == 1
+
+    def on_set_attributes(self, g0: int, g1: int, private: bool) -> bool:
+        before = [self.m.attrs.is_private(g) for g in range(g0, g1)]
+        changed = self.set_attributes(g0, g1, private)
+        for g, was in zip(range(g0, g1), before, strict=True):
+            if was != private:
+                self.stale.pop((private, g), None)
+        return changed
+
+    def on_convert(self, g0: int, g1: int, private: bool, explicit: bool) -> None:
+        self.age += 1
+        old = not private
+        left = [g for g in range(g0, g1) if self.resident(old, g)]
+        self.convert(g0, g1, private, explicit)
+        left = [g for g in left if not self.pinned(old, g)]  # pinned when dealloc ran
+        if not (self.m.lazy and not self.m.inplace):
+            return
+        added = False
+        for g in left:
+            if (old, g) not in self.stale:
+                self.stale[old, g] = self.age
+                added = True
+        limit = self.m.policy.lazy_limit >> 12
+        while added and limit and len(self.stale) > limit:
+            key = min(self.stale, key=lambda k: (self.stale[k], k[1]))
+            del self.stale[key]
+            assert not self.resident(*key), f"oldest stale copy {key} was not reclaimed"
+        self.check()
+
+    def check(self) -> None:
+        self.stale = {k: a for k, a in self.stale.items() if self.resident(*k)}
+        model = {(not self.m.attrs.is_private(g), g): a for g, a in self.m.stale.items()}
+        assert model == self.stale
+
+
+lazy_policies = st.builds(
+    lambda limit, gmem, shared, prefault, vfio: PRESETS["lazy"].with_overrides(
+        {"lazy_limit": limit, "gmem_page": gmem, "shared_page": shared, "prefault": prefault,
+         "vfio": vfio}),
+    st.sampled_from([0, 4 * K, 8 * K, 64 * K]), st.sampled_from(["4k", "2m"]),
+    st.sampled_from(["4k", "2m"]), st.booleans(), st.sampled_from(KNOBS["vfio"][0]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(slot_row, min_size=1, max_size=3), st.lists(event, max_size=25), lazy_policies,
+       st.sampled_from(list(Platform)))
+def test_stale_copies_follow_their_definition_after_every_event(slots, events, policy, platform):
+    eng = Engine(policy, platform, paranoid=True)
+    shadow = StaleShadow(eng)
+    for row in iter_rows(table(*valid_slots([*slots, *flatten(events)]))):
+        eng.feed(row)
+        shadow.check()
+    eng.finish()
+    shadow.check()

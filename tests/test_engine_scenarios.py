@@ -3,7 +3,21 @@
 from __future__ import annotations
 
 import pytest
-from scenario import K, M, attrs, engine, expect, host, map_gpa, memory, memslot, npf, psc, replay
+from scenario import (
+    K,
+    M,
+    attrs,
+    engine,
+    expect,
+    host,
+    map_gpa,
+    memory,
+    memslot,
+    npf,
+    psc,
+    replay,
+    replay_rows,
+)
 
 SLOT = memslot(0, 0, 4 * M)  # two 2 MiB blocks, guest_memfd
 PRIVATE_SLOT = (SLOT, attrs(0, 4 * M))  # as QEMU creates it: all private
@@ -99,8 +113,16 @@ def test_tdx_map_gpa_chunks(gpa, size, mode, exits):
            conversions__to_private_pages=size // (4 * K))
 
 
-def test_map_gpa_on_snp_is_one_vmcall_and_one_exit():
+def test_map_gpa_on_snp_is_one_vmgexit_and_one_exit():
+    """An SNP guest cannot execute VMMCALL: the hypercall reaches KVM through the GHCB."""
     r = replay(memslot(0, 0, 16 * M), map_gpa(0, 5 * M, True))
+    expect(r, exits__userspace__KVM_EXIT_HYPERCALL=1, exits__userspace_total=1,
+           exits__vm__vmgexit=1, exits__vm_total=1, conversions__set_attributes_calls=1,
+           conversions__to_private_pages=5 * M // (4 * K))
+
+
+def test_map_gpa_on_sw_is_one_vmcall_and_one_exit():
+    r = replay(memslot(0, 0, 16 * M), map_gpa(0, 5 * M, True), platform="sw")
     expect(r, exits__userspace__KVM_EXIT_HYPERCALL=1, exits__userspace_total=1,
            exits__vm__vmcall=1, exits__vm_total=1, conversions__set_attributes_calls=1,
            conversions__to_private_pages=5 * M // (4 * K))
@@ -321,3 +343,65 @@ def test_moving_a_slot_frees_its_old_pages():
     r = replay(SLOT, npf(0, False), memslot(0, 8 * M, 4 * M), npf(8 * M, False))
     mem = memory(r)
     assert (mem["peak_resident"], mem["final_resident"], mem["touched"]) == (1, 1, 2)
+
+
+# --- lazy reclaim: a stale copy keeps its age while its page's attribute does not change ----
+
+LAZY_REPRO = [
+    memslot(0, 0, 2 * M),
+    npf(4 * K, True),  # gfn 1 private: P1
+    psc(4 * K, 4 * K, "shared", req=-1),  # P1 stale (age 2)
+    host(4 * K, 4 * K),  # S1 populated by the host: live, not stale
+]
+
+
+def test_lazy_conversion_keeps_the_age_of_a_page_whose_attribute_did_not_change():
+    rows = [*LAZY_REPRO,
+            npf(0, True),  # gfn 0 private: P0
+            psc(0, 8 * K, "shared"),  # P0 stale (age 4); gfn 1 unchanged: P1 keeps age 2
+            npf(0, True)]  # P0 live again; P1 was reclaimed (the oldest) at the psc
+    for reference in (True, False):
+        r = replay_rows(rows, reference, policy="lazy", lazy_limit=4 * K)
+        expect(r, exits__userspace__KVM_EXIT_MEMORY_FAULT=3,
+               exits__userspace__KVM_EXIT_HYPERCALL=2, exits__userspace_total=5,
+               exits__vm__npf=6, exits__vm__vmgexit=2, exits__vm_total=8, npf__recorded=3,
+               conversions__implicit=3, conversions__set_attributes_calls=5,
+               conversions__to_private_pages=3, conversions__to_shared_pages=2,
+               psc__requests=2, psc__entries=2, rmp__updates_4k=3, directmap__splits=1,
+               mappings__4k=3, host_access__pages=1)
+        mem = memory(r)
+        assert (mem["final_resident"], mem["peak_resident"], mem["touched"]) == (2, 3, 2)
+        assert (mem["pages_allocated"], mem["pages_freed"]) == (3, 1)
+    eng = engine(*rows, policy="lazy", lazy_limit=4 * K)
+    assert eng.m.pools[True].pages == {0: 0b01} and eng.m.pools[False].pages == {0: 0b10}
+    assert eng.m.stale == {}
+
+
+def test_lazy_set_attributes_keeps_the_stale_copy_of_a_page_it_does_not_change():
+    rows = [*LAZY_REPRO,
+            npf(0, True),  # gfn 0 private: P0
+            attrs(0, 8 * K, private=False),  # gfn 0 shared again (P0 kept, not stale);
+                                             # gfn 1 unchanged: P1 stays stale, age 2
+            npf(8 * K, True),  # gfn 2 private: P2
+            psc(8 * K, 4 * K, "shared", req=3)]  # P2 stale: over the limit, P1 (older) goes
+    for reference in (True, False):
+        r = replay_rows(rows, reference, policy="lazy", lazy_limit=4 * K)
+        expect(r, exits__userspace__KVM_EXIT_MEMORY_FAULT=3,
+               exits__userspace__KVM_EXIT_HYPERCALL=2, exits__userspace_total=5,
+               exits__vm__npf=6, exits__vm__vmgexit=2, exits__vm_total=8, npf__recorded=3,
+               conversions__implicit=3, conversions__set_attributes_calls=6,
+               conversions__to_private_pages=3, conversions__to_shared_pages=3,
+               psc__requests=2, psc__entries=2, rmp__updates_4k=4, directmap__splits=1,
+               mappings__4k=3, host_access__pages=1)
+        mem = memory(r)
+        assert (mem["final_resident"], mem["peak_resident"], mem["touched"]) == (3, 4, 3)
+        assert (mem["pages_allocated"], mem["pages_freed"]) == (4, 1)
+    eng = engine(*rows, policy="lazy", lazy_limit=4 * K)
+    assert eng.m.pools[True].pages == {0: 0b101} and eng.m.pools[False].pages == {0: 0b010}
+    assert eng.m.stale == {2: 5}  # age: the fifth conversion
+
+
+def test_lazy_set_attributes_that_changes_a_page_back_revives_its_stale_copy():
+    eng = engine(*LAZY_REPRO, attrs(4 * K, 4 * K), policy="lazy", lazy_limit=4 * K)
+    assert eng.m.stale == {}  # P1 is live again; S1 is not marked (set_attributes frees nothing)
+    assert eng.m.pools[True].pages == {0: 0b10} and eng.m.pools[False].pages == {0: 0b10}

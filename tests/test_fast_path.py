@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scenario import K, M, attrs, host, memslot, npf, psc, table
+from scenario import K, M, attrs, host, memslot, npf, populate, psc, table
 from test_engine_properties import policies, valid_slots
 
 import upmtrace.fast
 from upmtrace.engine import replay
-from upmtrace.policy import PRESETS
+from upmtrace.policy import KNOBS, PRESETS
 from upmtrace.timeline import Timeline
 from upmtrace.trace.io import read_trace
 from upmtrace.trace.synth import WORKLOADS, synthesize
@@ -32,6 +32,7 @@ other = st.one_of(
     st.builds(lambda b, op: [psc(b * 2 * M, 2 * M, op, req=5)], st.integers(0, 1),
               st.sampled_from(["private", "shared", "psmash"])),
     st.builds(host, gfn.map(lambda g: g * 4 * K), st.integers(1, 4).map(lambda n: n * 4 * K)),
+    st.builds(populate, gfn.map(lambda g: g * 4 * K), st.integers(1, 600).map(lambda n: n * 4 * K)),
     st.builds(memslot, st.integers(0, 2), st.integers(0, 2).map(lambda b: b * 2 * M),
               st.integers(0, 3).map(lambda n: n * M), st.booleans()),
 )
@@ -66,11 +67,13 @@ def monkeypatch_module():
         yield mp
 
 
+@pytest.mark.parametrize("vfio", KNOBS["vfio"][0])
 @pytest.mark.parametrize("workload", sorted(WORKLOADS))
-def test_every_workload_under_every_preset(workload):
+def test_every_workload_under_every_preset(workload, vfio):
     """The shipped samples' workloads, synthesised at 256 MiB to keep the suite quick."""
     synth = synthesize(workload, memory=256 * M, vcpus=2, seed=1, platform=None)
-    for policy in PRESETS.values():
+    for preset in PRESETS.values():
+        policy = preset.with_overrides({"vfio": vfio})
         ref = replay(synth.table, policy, platform=synth.platform, reference=True).to_json()
         assert replay(synth.table, policy, platform=synth.platform).to_json() == ref, policy.name
 

@@ -134,7 +134,9 @@ def test_timeline_keeps_its_columns_and_adds_counters():
     counts = {k: 1 for k in COLUMNS}
     sampler.sample(0, 1, (1, 2, 0), counts, 0)
     machine = SimpleNamespace(rmp=SimpleNamespace(updates_4k=5, updates_2m=6, psmash=7),
-                              directmap=SimpleNamespace(restores=8))
+                              directmap=SimpleNamespace(restores=8),
+                              vfio=SimpleNamespace(map_calls=1, unmap_calls=2, pages_pinned=3,
+                                                   count=2))
     sampler.sample(5, 2, (1, 2, 0), counts, 3, machine=machine)
     t = sampler.table()
     assert t.column_names[:13] == ["ts", "events", "shared_bytes", "private_bytes",
@@ -143,7 +145,9 @@ def test_timeline_keeps_its_columns_and_adds_counters():
                                    "exits.userspace.KVM_EXIT_MEMORY_FAULT",
                                    "exits.userspace.KVM_EXIT_HYPERCALL", "directmap.splits"]
     assert [t.column(k).to_pylist() for k in MACHINE_KEYS] == [[None, 5], [None, 6],
-                                                                [None, 7], [None, 8]]
+                                                                [None, 7], [None, 8],
+                                                                [None, 1], [None, 2], [None, 3]]
+    assert t.column("pinned_bytes").to_pylist() == [None, 8192]
     got = counters(t)
     assert not set(MACHINE_KEYS) & set(got)  # a column with nulls was not sampled throughout
     assert got["exits.vm_total"].tolist() == [4, 4]
@@ -182,3 +186,14 @@ def test_tracked_without_a_bar_is_the_trace_itself(tmp_path):
     loaded = read_trace(path)
     with progress(loaded.events) as advance:
         assert tracked(loaded, advance) is loaded
+
+
+def test_pinned_memory_is_a_dotted_curve_when_a_device_pins_it(trace, tmp_path):
+    policy = tmp_path / "pinned.toml"
+    policy.write_text('vfio = "pin-all"\n')
+    out = tmp_path / "p.svg"
+    assert run("plot", trace, "--policy", "eager", "--policy", str(policy), "-o",
+               str(out)).exit_code == 0
+    ids = [e.get("id") for e in ET.parse(out).getroot().iter() if e.get("id")]
+    assert [i for i in ids if i.startswith("pinned-")] == ["pinned-pinned"]
+    assert "4.0 MiB pinned" in out.read_text()

@@ -42,6 +42,15 @@ DEFAULTS: dict[str, tuple[int, str, str]] = {
                           "restoring a 2 MiB direct mapping, with its TLB shootdown"),
     "mapping_4k": (200, "mappings.4k", "installing one 4 KiB NPT/EPT entry"),
     "mapping_2m": (300, "mappings.2m", "installing one 2 MiB NPT/EPT entry"),
+    "vfio_dma_map": (5_000, "vfio.dma_map_calls",
+                     "VFIO_IOMMU_MAP_DMA ioctl: the vfio_dma range bookkeeping and IOMMU domain "
+                     "walk, a few microseconds before any page is pinned"),
+    "vfio_dma_unmap": (10_000, "vfio.dma_unmap_calls",
+                       "VFIO_IOMMU_UNMAP_DMA ioctl: IOMMU page-table teardown and a synchronous "
+                       "IOTLB invalidation, about twice a map call"),
+    "vfio_pinned_page": (250, "vfio.pages_pinned",
+                         "pinning one 4 KiB page for DMA: pin_user_pages reference and locked-"
+                         "memory accounting plus one IOMMU PTE (contiguous runs are batched)"),
 }
 
 

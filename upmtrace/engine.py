@@ -65,13 +65,14 @@ class Engine:
         self.m = Machine(policy, platform)
         self.count = self.m.count
         self.paranoid = paranoid
-        self.peak = {"resident": 0, "shared": 0, "private": 0, "duplicate": 0}
+        self.peak = {"resident": 0, "shared": 0, "private": 0, "duplicate": 0, "pinned": 0}
         self.handlers: dict[str, Callable[[Row], None]] = {
             "memslot": self.memslot,
             "set_attributes": self.set_attributes,
             "npf": self.npf,
             "map_gpa": self.map_gpa,
             "host_access": self.host_access,
+            "populate": self.populate,
         }
 
     # --- the loop ---------------------------------------------------------------------------
@@ -131,6 +132,8 @@ class Engine:
             peak["private"] = private
         if duplicate > peak["duplicate"]:
             peak["duplicate"] = duplicate
+        if self.m.vfio.count > peak["pinned"]:
+            peak["pinned"] = self.m.vfio.count
 
     # --- events -----------------------------------------------------------------------------
 
@@ -139,7 +142,7 @@ class Engine:
 
     def set_attributes(self, row: Row) -> None:
         g0 = row[3] >> PAGE_SHIFT
-        self.m.set_attributes(g0, g0 + (row[4] >> PAGE_SHIFT), bool(row[5]))
+        self.m.set_attributes_row(g0, g0 + (row[4] >> PAGE_SHIFT), bool(row[5]))
 
     def npf(self, row: Row) -> None:
         self.count["npf.recorded"] += 1
@@ -229,6 +232,8 @@ class Engine:
                     count["exits.userspace.KVM_EXIT_HYPERCALL"] += 1
                     self.convert_bytes(start, min(BLOCK_SIZE, gpa + size - start), private)
                 return
+        elif self.platform is Platform.SNP:
+            count["exits.vm.vmgexit"] += 1  # the hypercall goes through the GHCB (exit 0x81)
         else:
             count["exits.vm.vmcall"] += 1
         count["exits.userspace.KVM_EXIT_HYPERCALL"] += 1
@@ -258,6 +263,12 @@ class Engine:
                 if mask:
                     m.populate(SHARED, block, mask)
 
+    def populate(self, row: Row) -> None:
+        """Launch-time population of private memory (no exit)."""
+        self.count["populate.calls"] += 1
+        g0 = row[3] >> PAGE_SHIFT
+        self.m.populate_private(g0, g0 + (row[4] >> PAGE_SHIFT))
+
     # --- the report -------------------------------------------------------------------------
 
     def report(self, trace_info: dict[str, Any], recorded: dict | None,
@@ -266,6 +277,8 @@ class Engine:
         c["rmp.updates_4k"], c["rmp.updates_2m"] = m.rmp.updates_4k, m.rmp.updates_2m
         c["rmp.psmash"] = m.rmp.psmash
         c["directmap.splits"], c["directmap.restores"] = m.directmap.splits, m.directmap.restores
+        c["vfio.dma_map_calls"], c["vfio.dma_unmap_calls"] = m.vfio.map_calls, m.vfio.unmap_calls
+        c["vfio.pages_pinned"] = m.vfio.pages_pinned
         userspace = {k: c[f"exits.userspace.{k}"]
                      for k in ("KVM_EXIT_MEMORY_FAULT", "KVM_EXIT_HYPERCALL")}
         vm = {k: c[f"exits.vm.{k}"] for k in ("npf", "vmgexit", "tdvmcall", "vmcall")}
@@ -304,6 +317,11 @@ class Engine:
             "directmap": group("directmap", "splits", "restores"),
             "mappings": group("mappings", "4k", "2m"),
             "host_access": group("host_access", "pages", "stale", "faults"),
+            "populate": group("populate", "calls", "pages", "skipped_pages"),
+            "vfio": {"dma_map_calls": m.vfio.map_calls, "dma_unmap_calls": m.vfio.unmap_calls,
+                     "pinned_peak_bytes": peak["pinned"],
+                     "pinned_final_bytes": m.vfio.count * PAGE_SIZE,
+                     "pages_pinned": m.vfio.pages_pinned},
             "cost": {"total_ns": total, "by_category": by_category, "estimate": True},
             "recorded": recorded or {},
         }

@@ -37,6 +37,12 @@ KNOBS: dict[str, tuple[Any, str]] = {
     "shared_page": (("4k", "2m"), "page size of shared allocations (THP)"),
     "prefault": (bool, "after an explicit conversion, pre-map the range "
                        "(KVM_PRE_FAULT_MEMORY, QEMU >= 10.1)"),
+    "vfio": (
+        ("none", "pin-all", "on-convert"),
+        "an assigned device DMA-maps guest memory through VFIO: not modelled; every slot's "
+        "whole shared range mapped and pinned at registration (cloud-hypervisor before its "
+        "fix); only what is shared, following conversions (QEMU's RamDiscardManager)",
+    ),
 }
 
 
@@ -76,6 +82,7 @@ class Policy:
     gmem_page: str = "4k"
     shared_page: str = "4k"
     prefault: bool = False
+    vfio: str = "none"
 
     def __post_init__(self) -> None:
         for key in KNOBS:

@@ -17,9 +17,11 @@ EXIT_KEYS = ("exits.vm.npf", "exits.vm.vmgexit", "exits.vm.tdvmcall", "exits.vm.
 # direct map hold (null when the engine does not hand the machine to sample())
 COUNT_KEYS = ("memory.pages_allocated", "memory.pages_freed", "conversions.set_attributes_calls",
               "mappings.4k", "mappings.2m")
-MACHINE_KEYS = ("rmp.updates_4k", "rmp.updates_2m", "rmp.psmash", "directmap.restores")
+MACHINE_KEYS = ("rmp.updates_4k", "rmp.updates_2m", "rmp.psmash", "directmap.restores",
+                "vfio.dma_map_calls", "vfio.dma_unmap_calls", "vfio.pages_pinned")
+GAUGES = ("pinned_bytes",)  # VFIO-pinned memory now (null without the machine)
 COLUMNS = ("ts", "events", "shared_bytes", "private_bytes", "duplicate_bytes", "resident_bytes",
-           *EXIT_KEYS, "directmap.splits", *COUNT_KEYS, *MACHINE_KEYS)
+           *EXIT_KEYS, "directmap.splits", *COUNT_KEYS, *MACHINE_KEYS, *GAUGES)
 
 
 class Timeline:
@@ -78,17 +80,19 @@ def bounded(samples: list, rows: int) -> list:
 
 
 def machine_counts(machine) -> tuple[int | None, ...]:
-    """The MACHINE_KEYS of a model.machine.Machine; nulls without one."""
+    """The MACHINE_KEYS and GAUGES of a model.machine.Machine; nulls without one."""
     if machine is None:
-        return (None,) * len(MACHINE_KEYS)
-    rmp = machine.rmp
-    return rmp.updates_4k, rmp.updates_2m, rmp.psmash, machine.directmap.restores
+        return (None,) * (len(MACHINE_KEYS) + len(GAUGES))
+    rmp, vfio = machine.rmp, machine.vfio
+    return (rmp.updates_4k, rmp.updates_2m, rmp.psmash, machine.directmap.restores,
+            vfio.map_calls, vfio.unmap_calls, vfio.pages_pinned, vfio.count * 4096)
 
 
 def counters(table: pa.Table) -> dict[str, np.ndarray]:
     """A timeline's cumulative counters by report key (exit totals included), one value per
     sample; columns that were not sampled (all null) are left out."""
-    found = {name: table.column(name) for name in COLUMNS[6:] if name in table.column_names}
+    found = {name: table.column(name) for name in COLUMNS[6:]
+             if name in table.column_names and name not in GAUGES}
     out = {name: col.to_numpy().astype(np.int64) for name, col in found.items()
            if not col.null_count}
     for level in ("vm", "userspace"):

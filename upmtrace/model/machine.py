@@ -17,6 +17,7 @@ from upmtrace.model.mappings import Mappings
 from upmtrace.model.memslots import Memslots, Slot
 from upmtrace.model.pool import Folio, Pool
 from upmtrace.model.rmp import Rmp
+from upmtrace.model.vfio import Vfio
 from upmtrace.policy import Policy
 from upmtrace.trace.schema import PAGES_PER_BLOCK, Platform
 
@@ -40,6 +41,7 @@ class Machine:
         self.maps = Mappings()
         self.rmp = Rmp()
         self.directmap = DirectMap(policy.directmap if self.snp else "none")
+        self.vfio = Vfio(policy.vfio)
         self.count: Counter[str] = Counter()
         self.duplicate = 0  # pages resident on both sides (separate backing)
         self.inplace_private = 0  # resident pages whose attribute is private (inplace backing)
@@ -56,10 +58,61 @@ class Machine:
         old = self.slots.remove(slot_id)
         if old is not None:
             self.maps.zap(old.start, old.end)
+            self._dma_unmap([(old.start, old.end)])
             for side in (SHARED, PRIVATE):
                 self.free_range(side, old.start, old.end)
         if npages:
-            self.slots.add(Slot(slot_id, start, start + npages, gmem))
+            slot = Slot(slot_id, start, start + npages, gmem)
+            self.slots.add(slot)
+            mode = self.vfio.mode
+            if mode == "pin-all" or (mode == "on-convert" and not gmem):
+                self._dma_map_slot(slot)
+
+    # --- vfio: DMA mappings of an assigned device -----------------------------------------------
+
+    def _dma_map_slot(self, slot: Slot) -> None:
+        """VFIO_IOMMU_MAP_DMA of a whole slot: its shared side allocated (folios where the
+        shared page size is 2m) and pinned."""
+        self.vfio.map_calls += 1
+        self.check_populate_limit("vfio DMA map", slot.start, slot.end, [slot])
+        pool, huge = self.pools[SHARED], self._page_size_2m(SHARED, slot)
+        for block, mask in block_spans(slot.start, slot.end):
+            if huge and slot.holds_block(block) and pool.folio(block) is Folio.NONE:
+                self._allocated(SHARED, block, pool.add_folio(block))
+            else:
+                self.populate(SHARED, block, mask)
+            self._pin(block, mask)
+
+    def _pin(self, block: int, mask: int) -> None:
+        if self.vfio.pin(block, mask):
+            self.grew = True  # the pinned peak is taken with the memory figures
+
+    def _dma_unmap(self, spans: list[tuple[int, int]]) -> None:
+        """VFIO_IOMMU_UNMAP_DMA of the spans (one call) if any page of them is pinned."""
+        if self.vfio.pinned and any(self.vfio.pinned_in(lo, hi) for lo, hi in spans):
+            self.vfio.unmap_calls += 1
+            for lo, hi in spans:
+                self.vfio.unpin(lo, hi)
+
+    def _dma_follow(self, g0: int, g1: int, private: bool) -> None:
+        """vfio=on-convert: the VMM's DMA mappings of guest_memfd slots follow the attribute."""
+        if self.vfio.mode != "on-convert":
+            return
+        spans = [(max(g0, s.start), min(g1, s.end))
+                 for s in self.slots.overlapping(g0, g1) if s.gmem]
+        if private:
+            self._dma_unmap(spans)
+            return
+        if sum(self.vfio.pinned_in(lo, hi) for lo, hi in spans) == sum(hi - lo for lo, hi in spans):
+            return  # already mapped (nothing to map, or QEMU's "already shared")
+        self.vfio.map_calls += 1
+        for lo, hi in spans:
+            self.check_populate_limit("vfio DMA map", lo, hi, self.slots.overlapping(lo, hi))
+            for block, mask in block_spans(lo, hi):
+                shared = mask & ~self.private_bitmap(block, mask)
+                if shared:
+                    self.populate(SHARED, block, shared)
+                    self._pin(block, shared)
 
     # --- attributes and conversion ----------------------------------------------------------
 
@@ -80,12 +133,19 @@ class Machine:
             self.inplace_private += moved if private else -moved
             self.grew = True
         if self.lazy:
-            self._unstale(g0, g1, private)
+            self._revive(changed, private)
         return True
 
-    def convert(self, g0: int, g1: int, private: bool, explicit: bool) -> None:
-        """A VMM conversion: set attributes, free the old side's copy by policy, prefault."""
+    def set_attributes_row(self, g0: int, g1: int, private: bool) -> None:
+        """The VMM marking memory on its own (QEMU at slot creation): no exit, nothing freed."""
         self.set_attributes(g0, g1, private)
+        self._dma_follow(g0, g1, private)
+
+    def convert(self, g0: int, g1: int, private: bool, explicit: bool) -> None:
+        """A VMM conversion: set attributes, follow with DMA mappings, free the old side's copy
+        by policy, prefault."""
+        self.set_attributes(g0, g1, private)
+        self._dma_follow(g0, g1, private)
         self.conversions += 1
         if self.inplace:
             if self.snp and not private:
@@ -111,9 +171,10 @@ class Machine:
 
     def _mark_stale(self, g0: int, g1: int, side: bool) -> bool:
         pages, added, age = self.pools[side].pages, False, self.conversions
+        pinned = self.vfio.pinned if side is SHARED else {}  # pinned: never reclaimed
         for b, m in blocks_in(g0, g1, pages):
             base = b << BLOCK_PAGES_SHIFT
-            for i in iter_bits(pages[b] & m):
+            for i in iter_bits(pages[b] & m & ~pinned.get(b, 0)):
                 gfn = base + i
                 if gfn not in self.stale:
                     self.stale[gfn] = age
@@ -121,15 +182,19 @@ class Machine:
                     added = True
         return added
 
-    def _unstale(self, g0: int, g1: int, side: bool) -> None:
-        """Copies on `side` in the range are live again (reused without allocation)."""
+    def _revive(self, changed: list[tuple[int, int]], side: bool) -> None:
+        """The pages whose attribute just changed to `side`: their copy there is live again
+        (reused without allocation). A stale copy always lies on the side opposite the
+        attribute, so `stale` keyed by gfn names one copy; pages whose attribute did not change
+        keep the stale entry of their other copy, and its age."""
         if not self.stale:
             return
         pages = self.pools[side].pages
-        for b, m in blocks_in(g0, g1, pages):
-            base = b << BLOCK_PAGES_SHIFT
-            for i in iter_bits(pages[b] & m):
-                self.stale.pop(base + i, None)
+        for lo, hi in changed:
+            for b, m in blocks_in(lo, hi, pages):
+                base = b << BLOCK_PAGES_SHIFT
+                for i in iter_bits(pages[b] & m):
+                    self.stale.pop(base + i, None)
 
     def _reclaim(self) -> None:
         limit_pages = self.policy.lazy_limit >> 12
@@ -144,8 +209,9 @@ class Machine:
 
     def free_range(self, side: bool, g0: int, g1: int) -> None:
         pool = self.pools[side]
+        pinned = self.vfio.pinned if side is SHARED or self.inplace else {}
         for b, m in list(blocks_in(g0, g1, pool.pages)):
-            gone, split = pool.remove(b, m)
+            gone, split = pool.remove(b, m & ~pinned.get(b, 0))  # discarding a pinned page fails
             if not gone:
                 continue
             self.count["memory.pages_freed"] += gone.bit_count()
@@ -157,9 +223,10 @@ class Machine:
             else:
                 other = self.pools[not side].pages.get(b, 0)
                 self.duplicate -= (gone & other).bit_count()
-            if self.stale:
+            if self.stale:  # only copies on the side opposite the attribute can be stale
+                attr_private = self.private_bitmap(b, gone)
                 base = b << BLOCK_PAGES_SHIFT
-                for i in iter_bits(gone):
+                for i in iter_bits(gone & (~attr_private if side else attr_private)):
                     self.stale.pop(base + i, None)
             if self.snp and (side is PRIVATE or self.inplace):
                 self._rmp_shared(b, gone)
@@ -197,6 +264,30 @@ class Machine:
     def populate(self, side: bool, block: int, mask: int) -> None:
         """Single 4 KiB pages (host population): no folio."""
         self._allocated(side, block, self.pools[side].add(block, mask))
+
+    def populate_private(self, g0: int, g1: int) -> None:
+        """kvm_gmem_populate over [g0, g1) (launch images): private pages of guest_memfd slots
+        not yet resident become single 4 KiB pages; other pages are refused and skipped."""
+        slots = [s for s in self.slots.overlapping(g0, g1) if s.gmem]
+        self.check_populate_limit("populate", g0, g1, slots)
+        eligible = 0
+        for slot in slots:
+            for block, mask in block_spans(max(g0, slot.start), min(g1, slot.end)):
+                private = self.private_bitmap(block, mask)
+                eligible += private.bit_count()
+                new = self.pools[PRIVATE].add(block, private)
+                if new:
+                    self._populated(block, new)
+        self.count["populate.skipped_pages"] += (g1 - g0) - eligible
+
+    def _populated(self, block: int, new: int) -> None:
+        self._allocated(PRIVATE, block, new)
+        self.count["populate.pages"] += new.bit_count()
+        if self.snp and self.rmp.make_private_launch(block, new):
+            self.directmap.on_rmp_update(block, True, False, self.rmp.private_bitmap(block))
+        elif self.tdx:  # added to the Secure EPT: mapped private at 4 KiB
+            self.maps.map_small(block, new, PRIVATE)
+            self.count["mappings.4k"] += new.bit_count()
 
     def _page_size_2m(self, private: bool, slot: Slot) -> bool:
         pol = self.policy
@@ -330,6 +421,9 @@ class Machine:
             side = not self.attrs.is_private(gfn)
             bit = 1 << (gfn & BLOCK_MASK)
             assert self.pools[side].resident(gfn >> BLOCK_PAGES_SHIFT, bit), f"stale {gfn} gone"
+            pinned = self.vfio.bitmap(gfn >> BLOCK_PAGES_SHIFT) & bit
+            assert side is PRIVATE or not pinned, f"stale shared copy {gfn} is pinned"
         if self.snp and not self.inplace:
             assert self.rmp.private == self.pools[PRIVATE].pages, "RMP-private != guest_memfd"
         assert sum(m.bit_count() for m in self.touched.values()) == self.touched_pages
+        self.vfio.check_invariants(self.pools[SHARED].pages)

@@ -37,6 +37,12 @@ class Rmp:
             self.updates_4k += new.bit_count()
         return new.bit_count()
 
+    def make_private_launch(self, block: int, mask: int) -> int:
+        """Launch pages (SNP_LAUNCH_UPDATE): 4 KiB entries, and the block then holds 4 KiB
+        entries as after a PSMASH (none is counted: there was no 2 MiB entry to smash)."""
+        self.smashed.add(block)
+        return self.make_private_4k(block, mask)
+
     def make_shared(self, block: int, mask: int) -> tuple[int, bool]:
         """Return private pages of mask to shared: (4 KiB updates made, whether one 2 MiB)."""
         old = self.private.get(block, 0)

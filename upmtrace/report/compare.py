@@ -38,6 +38,8 @@ SECTIONS: dict[str, dict[str, str]] = {
     "directmap": dict.fromkeys(("splits", "restores"), COUNT),
     "mappings": dict.fromkeys(("4k", "2m"), COUNT),
     "host_access": dict.fromkeys(("pages", "stale", "faults"), COUNT),
+    "vfio": {"pinned_peak_bytes": BYTES, "pinned_final_bytes": BYTES, "dma_map_calls": COUNT,
+             "dma_unmap_calls": COUNT},  # only when a policy has vfio other than none
 }
 
 Row = tuple[str, str, list[Any]]  # (dotted key, format, value per policy)
@@ -58,9 +60,13 @@ def metric_rows(comparison: Comparison) -> list[list[Row]]:
     return [
         rows(dict.fromkeys(exit_keys, COUNT)),
         *(rows({f"{section}.{k}": fmt for k, fmt in keys.items()})
-          for section, keys in SECTIONS.items()),
+          for section, keys in SECTIONS.items() if section != "vfio" or with_vfio(reports)),
         rows(dict.fromkeys([*categories, "cost.total_ns"], "ns")),
     ]
+
+
+def with_vfio(reports: list[dict]) -> bool:
+    return any(r["policy"].get("vfio", "none") != "none" and "vfio" in r for r in reports)
 
 
 def render_table(comparison: Comparison, width: int | None = 100, *, color: bool = False) -> str:

@@ -90,6 +90,7 @@ class Curves:
     ts: np.ndarray  # ns since the trace's start
     resident: np.ndarray
     duplicate: np.ndarray
+    pinned: np.ndarray | None  # VFIO-pinned memory, when the timeline sampled it
     exits: np.ndarray
     cost_ns: np.ndarray
     unsampled: tuple[str, ...]  # cost categories the timeline does not hold, yet cost something
@@ -103,18 +104,31 @@ class Curves:
         return cls(ts=t.column("ts").to_numpy(),
                    resident=t.column("resident_bytes").to_numpy(),
                    duplicate=t.column("duplicate_bytes").to_numpy(),
+                   pinned=pinned_of(t),
                    exits=counts["exits.vm_total"] + counts["exits.userspace_total"],
                    cost_ns=np.asarray(total, dtype=float) + np.zeros(t.num_rows),
                    unsampled=unsampled)
 
 
+def pinned_of(t: pa.Table) -> np.ndarray | None:
+    if "pinned_bytes" not in t.column_names or t.column("pinned_bytes").null_count:
+        return None
+    pinned = t.column("pinned_bytes").to_numpy()
+    return pinned if pinned.any() else None
+
+
 def memory_lines(ax, s: Series, x: np.ndarray, c: Curves, style: dict, scale: float) -> None:
     mem = s.report["memory"]
+    pinned = s.report.get("vfio", {}).get("pinned_peak_bytes", 0)
     ax.plot(x, c.resident / scale, gid=f"resident-{s.label}", **style,
             label=f"{s.label}: peak {human_bytes(mem['peak_resident_bytes'])} resident, "
-                  f"{human_bytes(mem['peak_duplicate_bytes'])} duplicate")
+                  f"{human_bytes(mem['peak_duplicate_bytes'])} duplicate"
+                  + (f", {human_bytes(pinned)} pinned" if pinned else ""))
     ax.plot(x, c.duplicate / scale, gid=f"duplicate-{s.label}", linestyle="--",
             **{**style, "linewidth": style["linewidth"] * 0.6})
+    if c.pinned is not None:
+        ax.plot(x, c.pinned / scale, gid=f"pinned-{s.label}", linestyle=":",
+                **{**style, "linewidth": style["linewidth"] * 0.6})
 
 
 def exit_lines(ax, s: Series, x: np.ndarray, c: Curves, style: dict) -> None:
@@ -141,6 +155,8 @@ def decorate(mem, exits, cost, mem_unit: str, cost_unit: str, unsampled: list[st
     handles = mem.get_legend_handles_labels()[0] + [
         Line2D([], [], color="grey", label="resident"),
         Line2D([], [], color="grey", linestyle="--", label="duplicate")]
+    if any(str(line.get_gid()).startswith("pinned-") for line in mem.get_lines()):
+        handles.append(Line2D([], [], color="grey", linestyle=":", label="pinned (VFIO)"))
     mem.legend(handles=handles, loc="best", fontsize=8)
     exits.set_title("Exits, cumulative (VM exits + exits to userspace)", loc="left")
     exits.set_ylabel("exits")

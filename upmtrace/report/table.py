@@ -136,7 +136,19 @@ def memory_rows(report: dict) -> list[tuple[str, str]]:
         ("final resident", human_bytes(mem["final_resident_bytes"])),
         ("touched", human_bytes(mem["touched_bytes"])),
         ("peak resident / touched", f"{mem['ratio_to_touched']:.3f}"),
+        *vfio_rows(report),
     ]
+
+
+def vfio_rows(report: dict) -> list[tuple[str, str]]:
+    """Pinned memory, when the policy has an assigned device (vfio other than none)."""
+    if report["policy"].get("vfio", "none") == "none" or "vfio" not in report:
+        return []
+    vfio = report["vfio"]
+    return [("peak pinned (VFIO)", human_bytes(vfio["pinned_peak_bytes"])),
+            ("final pinned (VFIO)", human_bytes(vfio["pinned_final_bytes"])),
+            ("VFIO DMA map / unmap calls",
+             f"{vfio['dma_map_calls']:,} / {vfio['dma_unmap_calls']:,}")]
 
 
 def count_rows(report: dict, section: str, labels: dict[str, str],
