@@ -1,4 +1,4 @@
-"""Nothing lost (issue 7): every output is written to a temporary file in its own folder and
+"""Nothing lost: every output is written to a temporary file in its own folder and
 renamed over the target, so an interrupted run leaves the old file whole and no temporary file.
 
 The check that every output path goes through upmtrace.atomic: os.fsync, which write_atomic

@@ -252,8 +252,8 @@ def policy_options(f):
 @click.option("--platform", type=PLATFORM, default=None,
               help="Override the trace's platform (default: its metadata, else snp).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
-              show_default=True, help="Output format; json is the report (docs/report.md), csv "
-                                      "its keys as key,value rows.")
+              show_default=True, help="Output format; json is the report of docs/report.md, "
+                                      "csv its keys as key,value rows.")
 @click.option("-o", "--output", default=None, metavar="FILE",
               help="Write the report to FILE (atomically) instead of stdout.")
 @click.option("--timeline", default=None, metavar="FILE",
@@ -312,7 +312,7 @@ def policies() -> None:
 @click.option("--platform", type=PLATFORM, default=None,
               help="Override the trace's platform (default: its metadata, else snp).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
-              show_default=True, help="Output format; json holds every policy's report.")
+              show_default=True, help="Output format; json holds every report (docs/report.md).")
 @click.option("-o", "--output", default=None, metavar="FILE",
               help="Write the comparison to FILE (atomically) instead of stdout.")
 def compare(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...],

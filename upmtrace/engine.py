@@ -1,4 +1,4 @@
-"""The replay loop: trace events in, counters out (SPEC.md section 5). Prints nothing."""
+"""The replay loop: trace events in, counters out (docs/model.md). Prints nothing."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ COLS = ("ts", "kind", "vcpu", "gpa", "size", "private", "write", "slot", "gmem",
 
 @dataclass(frozen=True)
 class Result:
-    """One replay's report (SPEC.md section 6) as plain data."""
+    """One replay's report (docs/report.md) as plain data."""
 
     report: dict[str, Any]
 
@@ -149,7 +149,7 @@ class Engine:
         self.fault(row[3] >> PAGE_SHIFT, bool(row[5]))
 
     def fault(self, gfn: int, private: bool) -> None:
-        """A nested page fault on gfn, the access private or not (SPEC.md section 5, npf)."""
+        """A nested page fault on gfn, the access private or not (docs/model.md, npf)."""
         m, count = self.m, self.count
         if self.platform is Platform.SW:
             private = m.attrs.is_private(gfn)
@@ -361,7 +361,7 @@ def replay(trace, policy: Policy | None = None, *, platform: str | None = None,
            costs: dict[str, int] | None = None, paranoid: bool = False,
            batch_rows: int = BATCH_ROWS, timeline: Timeline | None = None,
            reference: bool = False) -> Result:
-    """Replay a Trace (or a bare SCHEMA table) under a policy; returns the section 6 report.
+    """Replay a Trace (or a bare SCHEMA table) under a policy; returns the report (docs/report.md).
 
     The batch path (upmtrace.fast) is used unless `reference` or `paranoid` asks for the
     row-by-row reference loop; both give the same report.

@@ -1,4 +1,4 @@
-"""The section 6 report as CSV: one `key,value` row per dotted key, in the JSON's order."""
+"""The replay report (docs/report.md) as CSV: one `key,value` row per dotted key."""
 
 from __future__ import annotations
 

@@ -150,7 +150,7 @@ def _finish(out: str, body: str, ctx: Context, files: list[LogFile],
     notes = header_notes + _notes(ctx, files, parsers)
     recorded = tally.recorded_tree()
     source = _source(files, header_notes)
-    write_output(out, rows, body, metadata(ctx.options.platform.value, source, recorded))
+    write_output(out, rows, body, metadata(ctx, source, recorded))
     events = Counter(sink.kinds)
     events.update(row[1] for row in rows)
     return ImportSummary(out, tuple((f.path, f.fmt or "unknown") for f in files),

@@ -141,7 +141,7 @@ class Clock:
 
 @dataclass
 class Tally:
-    """Lines read, lines skipped by reason, recorded counts (dotted SPEC section 6 keys)."""
+    """Lines read, lines skipped by reason, recorded counts (dotted report keys, docs/report.md)."""
 
     skipped: Counter[str] = field(default_factory=Counter)
     recorded: Counter[str] = field(default_factory=Counter)
@@ -171,11 +171,14 @@ KIND_CODE = {k.value: i for i, k in enumerate(Kind)}
 OP_CODE = {o.value: i for i, o in enumerate(PscOp)}
 _PLAIN = {"ts": pa.int64(), "vcpu": pa.int32(), "gpa": pa.uint64(), "size": pa.uint64(),
           "private": pa.bool_(), "write": pa.bool_(), "slot": pa.int32(), "gmem": pa.bool_(),
-          "req": pa.int64()}
+          "req": pa.int64(), "latency": pa.int64()}
 
-# A row: (ts, kind, vcpu, gpa, size, private, write, slot, gmem, req, op) -- SCHEMA's order,
-# agent (always null for imported rows) left out.
+# A row: (ts, kind, vcpu, gpa, size, private, write, slot, gmem, req, op[, latency]) --
+# SCHEMA's order, agent (always null for imported rows) left out; latency (format 1.1: the
+# recorded ns from the event's exit to the next entry of its vCPU, >= 0) may be left out too.
 Row = tuple
+ROW_WIDTH = 11  # a row without latency
+_ROW_NAMES = tuple(n for n in SCHEMA.names if n != "agent")
 
 
 def memslot_row(ts: int, slot: int, gpa: int, size: int, gmem: bool) -> Row:
@@ -186,21 +189,29 @@ def attributes_row(ts: int, gpa: int, size: int, private: bool) -> Row:
     return (ts, "set_attributes", HOST, gpa, size, private, None, None, None, None, None)
 
 
+def populate_row(ts: int, gpa: int, size: int) -> Row:
+    return (ts, "populate", HOST, gpa, size, None, None, None, None, None, None)
+
+
 def to_batch(rows: list[Row]) -> pa.RecordBatch:
     """Rows as one record batch on exactly SCHEMA (canonical dictionaries)."""
-    columns = list(zip(*rows, strict=True))
+    if any(len(row) > ROW_WIDTH for row in rows):
+        rows = [row if len(row) > ROW_WIDTH else (*row, None) for row in rows]
+        columns = dict(zip(_ROW_NAMES, zip(*rows, strict=True), strict=True))
+    else:
+        columns = dict(zip(_ROW_NAMES, zip(*rows, strict=True), strict=False))
     arrays = []
-    for index, name in enumerate(SCHEMA.names):
+    for name in SCHEMA.names:
         if name == "kind":
-            codes = pa.array([KIND_CODE[v] for v in columns[index]], pa.int8())
+            codes = pa.array([KIND_CODE[v] for v in columns[name]], pa.int8())
             arrays.append(pa.DictionaryArray.from_arrays(codes, KIND_DICT))
         elif name == "op":
-            codes = pa.array([OP_CODE.get(v) for v in columns[index]], pa.int8())
+            codes = pa.array([OP_CODE.get(v) for v in columns[name]], pa.int8())
             arrays.append(pa.DictionaryArray.from_arrays(codes, OP_DICT))
-        elif name == "agent":
-            arrays.append(pa.nulls(len(rows), SCHEMA.field("agent").type))
-        else:
-            arrays.append(pa.array(columns[index], _PLAIN[name]))
+        elif name in columns:
+            arrays.append(pa.array(columns[name], _PLAIN[name]))
+        else:  # agent, and latency when no row has one
+            arrays.append(pa.nulls(len(rows), SCHEMA.field(name).type))
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
 
 
@@ -212,6 +223,7 @@ class RowSink:
         self.rows: list[Row] = []
         self.kinds: Counter[str] = Counter()
         self.written = 0
+        self.latencies = 0  # rows with a recorded latency (they make the trace format 1.1)
         self.lo: int | None = None  # lowest GPA touched
         self.hi = 0  # end of the highest GPA range touched
         try:
@@ -228,6 +240,8 @@ class RowSink:
     def add(self, row: Row) -> None:
         self.rows.append(row)
         self.kinds[row[1]] += 1
+        if len(row) > ROW_WIDTH and row[ROW_WIDTH] is not None:
+            self.latencies += 1
         if row[1] != "memslot":
             self.touch(row[3], row[4] or PAGE_SIZE)
         if len(self.rows) >= CHUNK:

@@ -1,4 +1,4 @@
-"""KVM tracepoints in ftrace text, `trace-cmd report` and `perf script` output (DOMAIN.md).
+"""KVM tracepoints in ftrace text, `trace-cmd report` and `perf script` output.
 
 Guest demands become rows: kvm_page_fault -> npf, an MSR-protocol PSC request -> psc (req -1),
 kvm_hypercall KVM_HC_MAP_GPA_RANGE -> map_gpa, kvm_vm_set_mem_attributes before any vCPU ran ->
@@ -57,7 +57,7 @@ MSR_PSC_OPS = {1: "private", 2: "shared", 3: "psmash", 4: "unsmash"}
 SVM_EXIT_PSC = 0x80000010
 EFAULT = 14
 
-# kvm_exit reasons (SVM lower case, VMX upper case) -> SPEC section 6 exits.vm keys
+# kvm_exit reasons (SVM lower case, VMX upper case) -> report exits.vm keys
 VM_EXITS = {"npf": "npf", "ept_violation": "npf", "vmgexit": "vmgexit", "vmmcall": "vmcall",
             "vmcall": "vmcall", "tdcall": "tdvmcall"}
 MODELLED_USERSPACE = ("KVM_EXIT_HYPERCALL", "KVM_EXIT_MEMORY_FAULT")
