@@ -77,7 +77,7 @@ def test_ctrl_c_is_130_on_every_command(work, monkeypatch, name):
 
     monkeypatch.setattr(module, function, interrupted)
     result = CliRunner().invoke(cli, args)
-    assert (result.exit_code, result.stderr) == (130, "Aborted!\n")
+    assert (result.exit_code, result.stderr) == (130, "Interrupted\n")
 
 
 SIGNALLED = """

@@ -15,6 +15,7 @@ from upmtrace.model.bits import block_spans
 from upmtrace.model.machine import POPULATE_LIMIT_PAGES, PRIVATE, SHARED, Machine
 from upmtrace.policy import PRESETS, Policy
 from upmtrace.timeline import Timeline
+from upmtrace.timing import add_timing
 from upmtrace.trace.schema import (
     BLOCK_SIZE,
     MSR_REQ,
@@ -360,7 +361,7 @@ def iter_rows(table: pa.Table, batch_rows: int = BATCH_ROWS) -> Iterator[Row]:
 def replay(trace, policy: Policy | None = None, *, platform: str | None = None,
            costs: dict[str, int] | None = None, paranoid: bool = False,
            batch_rows: int = BATCH_ROWS, timeline: Timeline | None = None,
-           reference: bool = False) -> Result:
+           reference: bool = False, by_vcpu: bool = False) -> Result:
     """Replay a Trace (or a bare SCHEMA table) under a policy; returns the report (docs/report.md).
 
     The batch path (upmtrace.fast) is used unless `reference` or `paranoid` asks for the
@@ -383,7 +384,9 @@ def replay(trace, policy: Policy | None = None, *, platform: str | None = None,
         from upmtrace.fast import run_batches
 
         run_batches(engine, batches)
-    return Result(engine.report(info, recorded, costs))
+    report = engine.report(info, recorded, costs)
+    add_timing(report, trace, plat, recorded, per_vcpu=by_vcpu)  # the recorded time, if any
+    return Result(report)
 
 
 __all__ = ["Engine", "Result", "replay", "PRIVATE", "SHARED"]
