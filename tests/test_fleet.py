@@ -27,7 +27,7 @@ from upmtrace.fleet.pairs import (
 )
 from upmtrace.fleet.summary import summarize
 from upmtrace.policy import PRESETS
-from upmtrace.trace.io import read_trace, write_trace
+from upmtrace.trace.io import IMPORT_HINT, read_trace, write_trace
 
 SIZES = (1, 2, 4, 10)  # pages each trace first touches private, then shared
 
@@ -108,7 +108,7 @@ def test_the_results_file_is_never_a_trace(fleet_dir):
               "*.csv)"),
     ("*.nothing", "no trace file matches '*.nothing'"),
     ("notes.txt", "notes.txt: not a trace file name (expected *.parquet, *.arrow, *.feather, "
-                  "*.jsonl, *.csv)"),
+                  f"*.jsonl, *.csv); {IMPORT_HINT}"),
 ])
 def test_naming_no_trace_is_an_input_error(tmp_path, monkeypatch, arg, message):
     monkeypatch.chdir(tmp_path)
@@ -283,7 +283,7 @@ def test_dask_missing_is_a_usage_error(fleet_dir, monkeypatch):
 
 def test_the_core_does_not_import_dask():
     code = ("import sys, upmtrace, upmtrace.cli, upmtrace.fleet.pairs, upmtrace.fleet.summary, "
-            "upmtrace.fleet.compare, upmtrace.fleet_gate, upmtrace.report.fleet; "
+            "upmtrace.fleet.compare, upmtrace.gate.fleet, upmtrace.report.fleet; "
             "assert not {'dask', 'distributed'} & set(sys.modules), 'dask imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -27,6 +27,7 @@ from upmtrace.costs import DEFAULTS as COSTS
 from upmtrace.errors import InputError, UpmtraceError, UsageError
 from upmtrace.fleet.executors import Executor, one_line
 from upmtrace.policy import KNOBS, Policy, check_distinct
+from upmtrace.trace.io import IMPORT_HINT
 
 RESULTS_ID = "upmtrace.fleet-results.v1"  # the results table (Parquet schema metadata)
 TRACE_SUFFIXES = (".parquet", ".arrow", ".feather", ".jsonl", ".csv")
@@ -122,8 +123,8 @@ def _is_trace_name(name: str) -> bool:
 
 def _check_suffix(path: str) -> str:
     if not path.lower().endswith(TRACE_SUFFIXES):
-        raise InputError(f"not a trace file name (expected *{', *'.join(TRACE_SUFFIXES)})",
-                         path=path)
+        raise InputError(f"not a trace file name (expected *{', *'.join(TRACE_SUFFIXES)}); "
+                         f"{IMPORT_HINT}", path=path)
     return path
 
 

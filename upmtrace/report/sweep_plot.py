@@ -8,21 +8,12 @@ from __future__ import annotations
 
 import io
 
-from upmtrace.errors import UsageError
 from upmtrace.fleet.sweep import EXITS_TOTAL, Ranked, Ranking
-from upmtrace.report.plot import BYTE_UNITS, FORMATS, METADATA, TIME_UNITS, unit
+from upmtrace.report.plot import BYTE_UNITS, METADATA, TIME_UNITS, unit
 from upmtrace.report.table import ns
 from upmtrace.units import human_bytes
 
 MEMORY, COST = "memory.peak_resident_bytes", "cost.total_ns"
-
-
-def format_of(path: str) -> str:
-    """'png' or 'svg', from the --plot file's suffix."""
-    fmt = next((f for suffix, f in FORMATS.items() if path.lower().endswith(suffix)), None)
-    if fmt is None:
-        raise UsageError(f"--plot {path}: use a .png or .svg file")
-    return fmt
 
 
 def render(ranking: Ranking, fmt: str = "png", *, title: str = "") -> bytes:
