@@ -6,7 +6,6 @@ import json
 import os
 import xml.etree.ElementTree as ET
 from fractions import Fraction
-from xml.etree import ElementTree
 
 import pytest
 from click.testing import CliRunner
