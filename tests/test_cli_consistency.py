@@ -17,6 +17,8 @@ from click.testing import CliRunner
 from scenario import K, M, attrs, memslot, npf, psc, table
 from test_timeline import long_trace
 
+import upmtrace.fleet.pairs
+import upmtrace.fleet.sweep
 import upmtrace.gate.check
 import upmtrace.gate.fleet
 import upmtrace.trace.importers
@@ -59,7 +61,9 @@ INTERRUPTED = {
     "import": (["import", "log.txt", "-o", "i.parquet"], upmtrace.trace.importers,
                "import_logs"),
     "fleet": (["fleet", "t.parquet", "--policy", "eager", "--workers", "1"],
-              upmtrace.fleet, "run"),
+              upmtrace.fleet.pairs, "run"),
+    "sweep": (["sweep", "t.parquet", "--vary", "prefault=false,true", "--workers", "1"],
+              upmtrace.fleet.sweep, "run_sweep"),
     "fleet-check": (["fleet", "check", "t.parquet", "--baseline", "f.json", "--workers", "1"],
                     upmtrace.gate.fleet, "read_fleet_baseline"),
     "policies": (["policies"], __import__("upmtrace.report.table").report.table,
