@@ -31,7 +31,7 @@ CHILD = r"""
 import json, resource, sys, time
 what, path, preset = sys.argv[1:4]
 import pyarrow.parquet as pq
-from upmtrace.engine import replay
+from upmtrace.replay import replay
 from upmtrace.policy import PRESETS
 from upmtrace.trace.io import read_trace
 start = time.perf_counter()  # after the imports: the interpreter's start is not the replay's

@@ -1,4 +1,4 @@
-"""The batch path (upmtrace.fast) and the row-by-row reference give identical reports."""
+"""The batch path (upmtrace.replay.fast) and the row-by-row reference give identical reports."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from hypothesis import strategies as st
 from scenario import K, M, attrs, host, memslot, npf, populate, psc, table
 from test_engine_properties import policies, valid_slots
 
-import upmtrace.fast
-from upmtrace.engine import replay
 from upmtrace.policy import KNOBS, PRESETS
+from upmtrace.replay import fast, replay
 from upmtrace.timeline import Timeline
 from upmtrace.trace.io import read_trace
 from upmtrace.trace.synth import WORKLOADS, synthesize
@@ -53,8 +52,8 @@ def flatten(parts):
        st.sampled_from(["snp", "tdx", "sw"]), st.integers(1, 5), st.integers(1, 9))
 def test_batch_path_matches_reference(monkeypatch_module, slots, parts, policy, platform,
                                       min_run, chunk):
-    monkeypatch_module.setattr(upmtrace.fast, "MIN_RUN", min_run)
-    monkeypatch_module.setattr(upmtrace.fast, "CHUNK", chunk * 64)
+    monkeypatch_module.setattr(fast, "MIN_RUN", min_run)
+    monkeypatch_module.setattr(fast, "CHUNK", chunk * 64)
     t = table(*valid_slots([*slots, attrs(0, 8 * M), *flatten(parts)]))
     ref = replay(t, policy, platform=platform, reference=True).to_json()
     assert replay(t, policy, platform=platform, batch_rows=97).to_json() == ref

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from test_import_ftrace import G, M, attrs, rows, run, slot
 
-from upmtrace.engine import replay
 from upmtrace.policy import PRESETS
+from upmtrace.replay import replay
 from upmtrace.trace.importers.qemu import psc_entries
 from upmtrace.trace.schema import Platform
 

@@ -15,9 +15,9 @@ from scenario import table
 from test_cli_compare import ROWS
 
 from upmtrace.compare import compare
-from upmtrace.engine import Result, replay
 from upmtrace.gate import Outcome, Verdict, status
 from upmtrace.policy import PRESETS
+from upmtrace.replay import Result, replay
 from upmtrace.report import check as check_report
 from upmtrace.report import compare as compare_report
 from upmtrace.report import table as replay_report

@@ -11,9 +11,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from upmtrace.engine import Result, replay
 from upmtrace.errors import UsageError
 from upmtrace.policy import Policy, check_distinct
+from upmtrace.replay import Result, replay
 
 SCHEMA_ID = "upmtrace.compare.v1"
 # Starting a worker costs ~0.4 s (a fresh interpreter importing pyarrow); the engine replays

@@ -16,9 +16,9 @@ from collections.abc import Iterable
 import numpy as np
 import pyarrow as pa
 
-from upmtrace.engine import Engine, batch_rows_of
 from upmtrace.model.bits import FULL, block_spans
 from upmtrace.model.pool import Folio
+from upmtrace.replay.engine import Engine, batch_rows_of
 from upmtrace.trace.schema import PAGE_SHIFT, PAGES_PER_BLOCK, Platform
 
 MIN_RUN = 64  # shorter npf runs are not worth the numpy set-up

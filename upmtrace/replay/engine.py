@@ -1,4 +1,8 @@
-"""The replay loop: trace events in, counters out (SPEC.md section 5). Prints nothing."""
+"""The reference replay loop: trace events in, counters out, row by row. Prints nothing.
+
+The Engine feeds one event at a time to the model; it is the oracle the batch path
+(upmtrace.replay.fast) is tested against.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import pyarrow.compute as pc
 from upmtrace.costs import default_costs, estimate
 from upmtrace.model.bits import block_spans
 from upmtrace.model.machine import POPULATE_LIMIT_PAGES, PRIVATE, SHARED, Machine
-from upmtrace.policy import PRESETS, Policy
+from upmtrace.policy import Policy
 from upmtrace.timeline import Timeline
 from upmtrace.trace.schema import (
     BLOCK_SIZE,
@@ -357,33 +361,4 @@ def iter_rows(table: pa.Table, batch_rows: int = BATCH_ROWS) -> Iterator[Row]:
         yield from batch_rows_of(batch)
 
 
-def replay(trace, policy: Policy | None = None, *, platform: str | None = None,
-           costs: dict[str, int] | None = None, paranoid: bool = False,
-           batch_rows: int = BATCH_ROWS, timeline: Timeline | None = None,
-           reference: bool = False) -> Result:
-    """Replay a Trace (or a bare SCHEMA table) under a policy; returns the section 6 report.
-
-    The batch path (upmtrace.fast) is used unless `reference` or `paranoid` asks for the
-    row-by-row reference loop; both give the same report.
-    """
-    policy = policy or PRESETS["eager"]
-    if isinstance(trace, pa.Table):
-        batches = trace.select(list(COLS)).to_batches(max_chunksize=batch_rows)
-        info, recorded = {"path": None, "sha256": None, "events": trace.num_rows}, None
-        plat = Platform(platform or "snp")
-    else:
-        batches, recorded = trace.batches(batch_rows), trace.recorded
-        plat = Platform(platform or trace.platform)
-        info = {"path": trace.path, "sha256": trace.sha256, "events": trace.events}
-    info["platform"] = plat.value
-    engine = Engine(policy, plat, paranoid=paranoid, timeline=timeline)
-    if reference or paranoid:
-        engine.run(row for batch in batches for row in batch_rows_of(batch))
-    else:
-        from upmtrace.fast import run_batches
-
-        run_batches(engine, batches)
-    return Result(engine.report(info, recorded, costs))
-
-
-__all__ = ["Engine", "Result", "replay", "PRIVATE", "SHARED"]
+__all__ = ["Engine", "Result", "PRIVATE", "SHARED"]
