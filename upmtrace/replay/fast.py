@@ -16,63 +16,148 @@ from collections.abc import Iterable
 import numpy as np
 import pyarrow as pa
 
-from upmtrace.model.bits import FULL, block_spans
+from upmtrace.model.bits import FULL, block_spans, span_mask
+from upmtrace.model.machine import SHARED
 from upmtrace.model.pool import Folio
-from upmtrace.replay.engine import Engine, batch_rows_of
-from upmtrace.trace.schema import PAGE_SHIFT, PAGES_PER_BLOCK, Platform
+from upmtrace.replay.engine import Engine, Row, batch_rows_of
+from upmtrace.trace.schema import PAGE_SHIFT, PAGE_SIZE, PAGES_PER_BLOCK, Platform
 
 MIN_RUN = 64  # shorter npf runs are not worth the numpy set-up
 CHUNK = 8192  # rows per vectorised step; bounds the cost of re-checking after a conversion
 
 
-def run_batches(engine: Engine, batches: Iterable[pa.RecordBatch]) -> None:
+def run_batches(engines: Engine | list[Engine], batches: Iterable[pa.RecordBatch]) -> None:
+    """Feed every batch, decoded once, to each engine in turn; then finish them."""
+    engines = engines if isinstance(engines, list) else [engines]
     for batch in batches:
-        run_batch(engine, batch)
-    engine.finish()
+        decoded = Decoded(batch)
+        for engine in engines:
+            decoded.feed(engine)
+    for engine in engines:
+        engine.finish()
 
 
-def feed_rows(engine: Engine, batch: pa.RecordBatch) -> None:
-    for row in batch_rows_of(batch):
+class Decoded:
+    """A record batch decoded once: npf runs as numpy columns, other rows as tuples.
+
+    Decoding is the part of a replay that does not depend on the policy, so one Decoded batch
+    feeds any number of engines.
+    """
+
+    def __init__(self, batch: pa.RecordBatch) -> None:
+        self.batch = batch
+        names = batch.schema.names
+        kind = batch.column(names.index("kind"))
+        words = kind.dictionary.to_pylist()
+        self.segments: list[tuple[int, int, bool]] = []
+        if "npf" not in words:
+            self.rows = list(batch_rows_of(batch))
+            self.segments = [(0, len(self.rows), False)] if self.rows else []
+            return
+        is_npf = kind.indices.to_numpy(zero_copy_only=False) == words.index("npf")
+        edges = np.flatnonzero(np.diff(is_npf.view(np.int8))) + 1
+        starts, ends = np.r_[0, edges], np.r_[edges, len(is_npf)]
+        self.segments = list(zip(starts.tolist(), ends.tolist(), is_npf[starts].tolist(),
+                                 strict=True))
+        self.rows = list(batch_rows_of(batch.take(pa.array(np.flatnonzero(~is_npf)))))
+        self.ts = batch.column(names.index("ts")).to_numpy()
+        self.gfn = (batch.column(names.index("gpa")).fill_null(0).to_numpy().astype(np.int64)
+                    >> PAGE_SHIFT)
+        self.private = batch.column(names.index("private")).fill_null(False).to_numpy(
+            zero_copy_only=False)
+        self.short: dict[int, tuple[list[int], list[int], list[bool]]] = {}
+        for s, e, npf in self.segments:
+            if npf and e - s < MIN_RUN:
+                self.short[s] = (self.ts[s:e].tolist(), self.gfn[s:e].tolist(),
+                                 self.private[s:e].tolist())
+
+    def feed(self, engine: Engine) -> None:
+        if engine.paranoid:
+            for row in batch_rows_of(self.batch):
+                engine.feed(row)
+            return
+        rows, at = self.rows, 0
+        for s, e, npf in self.segments:
+            if not npf:
+                for row in rows[at:at + e - s]:
+                    feed_other(engine, row)
+                at += e - s
+            elif e - s >= MIN_RUN:
+                npf_run(engine, self.ts[s:e], self.gfn[s:e], self.private[s:e])
+            else:
+                short_npf_run(engine, *self.short[s])
+
+
+def feed_other(engine: Engine, row: Row) -> None:
+    """A row other than npf: host accesses of one block take a short cut, the rest the
+    reference Engine.feed."""
+    if row[1] != "host_access":
         engine.feed(row)
+        return
+    engine.flush()
+    if row[0] > engine.due:
+        engine.sample()
+    engine.ts = row[0]
+    engine.events += 1
+    if not host_access_in_block(engine, row[3], row[4]):
+        engine.host_access(row)
+    engine.event_done()
 
 
-def run_batch(engine: Engine, batch: pa.RecordBatch) -> None:
-    names = batch.schema.names
-    kind = batch.column(names.index("kind"))
-    words = kind.dictionary.to_pylist()
-    if "npf" not in words or engine.paranoid:
-        return feed_rows(engine, batch)
-    is_npf = kind.indices.to_numpy(zero_copy_only=False) == words.index("npf")
-    edges = np.flatnonzero(np.diff(is_npf.view(np.int8))) + 1
-    starts, ends = np.r_[0, edges], np.r_[edges, len(is_npf)]
-    npf_starts = is_npf[starts]
-    other_rows = batch_rows_of(batch.take(pa.array(np.flatnonzero(~is_npf))))
-    ts = batch.column(names.index("ts")).to_numpy()
-    gfn = (batch.column(names.index("gpa")).fill_null(0).to_numpy().astype(np.int64)
-           >> PAGE_SHIFT)
-    private = batch.column(names.index("private")).fill_null(False).to_numpy(
-        zero_copy_only=False)
-    for s, e, npf in zip(starts.tolist(), ends.tolist(), npf_starts.tolist(), strict=True):
-        if not npf:
-            for _ in range(e - s):
-                engine.feed(next(other_rows))
-        elif e - s >= MIN_RUN:
-            npf_run(engine, ts[s:e], gfn[s:e], private[s:e])
+def host_access_in_block(engine: Engine, gpa: int, size: int) -> bool:
+    """Engine.host_access for an access inside one block of one memslot; False otherwise."""
+    m = engine.m
+    g0, g1 = gpa >> PAGE_SHIFT, (gpa + size + PAGE_SIZE - 1) >> PAGE_SHIFT
+    block = g0 >> 9
+    if (g1 - 1) >> 9 != block:
+        return False
+    slot = m.slots.find(g0)
+    if slot is None or g1 > slot.end:
+        return False
+    engine.count["host_access.pages"] += g1 - g0
+    base = block << 9
+    mask = span_mask(g0 - base, g1 - base)
+    private = 0 if m.attrs.is_uniform(base, base + PAGES_PER_BLOCK, False) else \
+        m.private_bitmap(block, mask)
+    if private:
+        if m.inplace:
+            engine.count["host_access.faults"] += private.bit_count()
+            mask &= ~private
         else:
-            short_npf_run(engine, ts[s:e].tolist(), gfn[s:e].tolist(), private[s:e].tolist())
+            engine.count["host_access.stale"] += private.bit_count()
+    if mask:
+        m.populate(SHARED, block, mask)
+    return True
 
 
 def short_npf_run(engine: Engine, ts: list[int], gfn: list[int], private: list[bool]) -> None:
     """A few npf rows, one by one as Engine.feed would, without building their row tuples."""
     engine.flush()
-    engine.count["npf.recorded"] += len(gfn)
+    count, m = engine.count, engine.m
+    count["npf.recorded"] += len(gfn)
+    huge, small = m.maps.huge, m.maps.small
+    avoided = 0
+    sw = engine.platform is Platform.SW
     for t, g, p in zip(ts, gfn, private, strict=True):
         if t > engine.due:
+            count["npf.avoided"] += avoided
+            avoided = 0
             engine.sample()
         engine.ts = t
         engine.events += 1
+        if not sw:  # already mapped with this privacy: avoided, nothing changes
+            block = g >> 9
+            level = huge.get(block)
+            if level is None:
+                if small[p].get(block, 0) >> (g & 511) & 1:
+                    avoided += 1
+                    continue
+            elif level == p:
+                avoided += 1
+                continue
         engine.fault(g, p)
         engine.event_done()
+    count["npf.avoided"] += avoided
 
 
 def npf_run(engine: Engine, ts: np.ndarray, gfn: np.ndarray, private: np.ndarray) -> None:
