@@ -83,3 +83,19 @@ def test_timeline_is_the_same_on_both_paths():
     replay(trace, PRESETS["lazy"], timeline=a, reference=True)
     replay(trace, PRESETS["lazy"], timeline=b)
     assert a.samples == b.samples and len(a.samples) > 10
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(slot_rows, st.lists(st.one_of(fault_run, page_sweep, other), max_size=12), policies,
+       st.sampled_from(["snp", "tdx", "sw"]), st.integers(1, 4))
+def test_short_runs_swept_in_pieces_match_reference(monkeypatch_module, slots, parts, policy,
+                                                    platform, pieces):
+    """Every npf run taken by the short path (contiguous pieces swept a block at a time) or, with
+    few pieces allowed, by the chunk path's general grouping."""
+    monkeypatch_module.setattr(fast, "MIN_RUN", 10_000)
+    monkeypatch_module.setattr(fast, "MAX_PIECES", pieces)
+    t = table(*valid_slots([*slots, attrs(0, 8 * M), *flatten(parts)]))
+    ref = replay(t, policy, platform=platform, reference=True).to_json()
+    assert replay(t, policy, platform=platform, batch_rows=97).to_json() == ref
+    monkeypatch_module.setattr(fast, "MIN_RUN", 1)
+    assert replay(t, policy, platform=platform).to_json() == ref

@@ -24,6 +24,7 @@ from upmtrace.trace.schema import PAGE_SHIFT, PAGE_SIZE, PAGES_PER_BLOCK, Platfo
 
 MIN_RUN = 64  # shorter npf runs are not worth the numpy set-up
 CHUNK = 8192  # rows per vectorised step; bounds the cost of re-checking after a conversion
+MAX_PIECES = 64  # contiguous pieces a run of faults is swept in, at most
 
 
 def run_batches(engines: Engine | list[Engine], batches: Iterable[pa.RecordBatch]) -> None:
@@ -133,6 +134,8 @@ def host_access_in_block(engine: Engine, gpa: int, size: int) -> bool:
 def short_npf_run(engine: Engine, ts: list[int], gfn: list[int], private: list[bool]) -> None:
     """A few npf rows, one by one as Engine.feed would, without building their row tuples."""
     engine.flush()
+    if short_sweep(engine, ts, gfn, private):
+        return
     count, m = engine.count, engine.m
     count["npf.recorded"] += len(gfn)
     huge, small = m.maps.huge, m.maps.small
@@ -158,6 +161,30 @@ def short_npf_run(engine: Engine, ts: list[int], gfn: list[int], private: list[b
         engine.fault(g, p)
         engine.event_done()
     count["npf.avoided"] += avoided
+
+
+def short_sweep(engine: Engine, ts: list[int], gfn: list[int], private: list[bool]) -> bool:
+    """A few npf rows as contiguous pieces (sweep_pieces), when no timeline sample falls
+    inside them; False, with nothing done, otherwise."""
+    n = len(gfn)
+    if n < 2 or ts[-1] > engine.due or engine.platform is Platform.SW:
+        return False
+    pieces = []
+    g0 = prev = gfn[0]
+    p0 = private[0]
+    for g, p in zip(gfn[1:], private[1:], strict=True):
+        if g != prev + 1 or p != p0:
+            pieces.append((g0, prev + 1, p0))
+            g0, p0 = g, p
+        prev = g
+    pieces.append((g0, prev + 1, p0))
+    if not sweep_pieces(engine, pieces):
+        return False
+    engine.count["npf.recorded"] += n
+    engine.ts = ts[-1]
+    engine.events += n
+    engine.event_done()
+    return True
 
 
 def npf_run(engine: Engine, ts: np.ndarray, gfn: np.ndarray, private: np.ndarray) -> None:
@@ -232,69 +259,90 @@ class Chunk:
         bounds = np.flatnonzero(sorted_key[1:] != sorted_key[:-1]) + 1
         groups = [order[a:b] for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(g)],
                                               strict=True)]
-        risky = {block for rows in groups
-                 if self.risky(block := int(g[rows[0]]) >> 9, bool(p[rows[0]]),
-                               slots[int(idx[rows[0]])])}
+        unsafe = {block for rows in groups
+                 if risky(self.m, block := int(g[rows[0]]) >> 9, bool(p[rows[0]]),
+                          slots[int(idx[rows[0]])])}
         slow: list[np.ndarray] = []
         for rows in groups:
             block = int(g[rows[0]]) >> 9
-            if block in risky or idx[rows].min() != idx[rows].max():
+            if block in unsafe or idx[rows].min() != idx[rows].max():
                 slow.append(rows)
                 continue
             offsets = (g[rows] & (PAGES_PER_BLOCK - 1)).tolist()
             seen = np.zeros(PAGES_PER_BLOCK, dtype=bool)
             seen[offsets] = True
             wanted = int.from_bytes(np.packbits(seen, bitorder="little").tobytes(), "little")
-            self.group(block, bool(p[rows[0]]), wanted, len(offsets),
-                       lambda new, offsets=offsets: next(o for o in offsets if new >> o & 1),
-                       slots[int(idx[rows[0]])])
+            group(self.m, self.count, block, bool(p[rows[0]]), wanted, len(offsets),
+                  lambda new, offsets=offsets: next(o for o in offsets if new >> o & 1),
+                  slots[int(idx[rows[0]])])
         if slow:
             for r in np.sort(np.concatenate(slow)).tolist():
                 self.engine.fault(int(g[r]), bool(p[r]))
 
     def sweep(self, g: np.ndarray, p: np.ndarray, idx: np.ndarray, slots: list) -> bool:
-        """The common shape, a guest touching page after page: whole spans per block."""
-        if len(g) < 2 or p.min() != p.max() or idx.min() != idx.max() or g[-1] - g[0] != len(g) - 1:
+        """The common shape, guests touching page after page: contiguous pieces of one
+        privacy, mapped a block at a time."""
+        if len(g) < 2:
             return False
-        if not (np.diff(g) == 1).all():
+        breaks = (np.flatnonzero((np.diff(g) != 1) | (p[1:] != p[:-1])) + 1).tolist()
+        if len(breaks) > MAX_PIECES:
             return False
-        private, slot = bool(p[0]), slots[int(idx[0])]
-        spans = list(block_spans(int(g[0]), int(g[-1]) + 1))
-        if any(self.risky(block, private, slot) for block, _ in spans):
-            return False
-        for block, mask in spans:
-            self.group(block, private, mask, mask.bit_count(), lowest_bit, slot)
-        return True
+        first, last = [0, *breaks], [b - 1 for b in breaks] + [len(g) - 1]
+        g_first, g_last, p_first = g[first].tolist(), g[last].tolist(), p[first].tolist()
+        return sweep_pieces(self.engine, list(zip(g_first, [x + 1 for x in g_last], p_first,
+                                                  strict=True)))
 
-    def risky(self, block: int, private: bool, slot) -> bool:
-        """Could mapping in this block PSMASH the RMP entry and zap the whole block?"""
-        m = self.m
-        if not (private and m.snp and not m.inplace and m.policy.gmem_page == "2m"):
-            return False
-        base = block * PAGES_PER_BLOCK
-        if m.attrs.is_uniform(base, base + PAGES_PER_BLOCK, True):
-            return False
-        return block in m.rmp.huge or (m.pools[True].folio(block) is Folio.NONE
-                                       and slot.holds_block(block))
 
-    def group(self, block: int, private: bool, wanted: int, rows: int, first_of, slot) -> None:
-        """`rows` faults on the gfns of `wanted` in one block; first_of(new) is the offset of
-        the earliest of them whose gfn is in the bitmap `new`."""
-        m, count = self.m, self.count
-        new = wanted & ~m.maps.mapped_bitmap(block)[private]
-        if not new:
-            count["npf.avoided"] += rows
-            return
-        first = first_of(new)
-        count["exits.vm.npf"] += 1
-        m.map_gfn(block * PAGES_PER_BLOCK + first, private, slot)
-        rest = new & ~(1 << first) & FULL
-        faults = 1
-        if rest and m.maps.huge.get(block) != private:
-            faults += rest.bit_count()
-            count["exits.vm.npf"] += rest.bit_count()
-            m.map_small_many(block, rest, private, slot)
-        count["npf.avoided"] += rows - faults
+def sweep_pieces(engine: Engine, pieces: list[tuple[int, int, bool]]) -> bool:
+    """Faults on the gfn ranges [g0, g1) of `pieces`, page after page, each range of one
+    privacy: True once they are mapped as the row-by-row path would, a block at a time. False,
+    with nothing done, unless every range lies in one usable memslot, carries its privacy as
+    attribute (no conversion), no (block, privacy) comes twice and no block risks a PSMASH."""
+    m = engine.m
+    spans: dict[tuple[int, bool], tuple[int, object]] = {}
+    for g0, g1, private in pieces:
+        slot = m.slots.find(g0)
+        if slot is None or g1 > slot.end or (private and not slot.gmem):
+            return False
+        if not m.attrs.is_uniform(g0, g1, private):
+            return False
+        for block, mask in block_spans(g0, g1):
+            if (block, private) in spans or risky(m, block, private, slot):
+                return False
+            spans[block, private] = mask, slot
+    for (block, private), (mask, slot) in sorted(spans.items()):
+        group(m, engine.count, block, private, mask, mask.bit_count(), lowest_bit, slot)
+    return True
+
+
+def risky(m, block: int, private: bool, slot) -> bool:
+    """Could mapping in this block PSMASH the RMP entry and zap the whole block?"""
+    if not (private and m.snp and not m.inplace and m.policy.gmem_page == "2m"):
+        return False
+    base = block * PAGES_PER_BLOCK
+    if m.attrs.is_uniform(base, base + PAGES_PER_BLOCK, True):
+        return False
+    return block in m.rmp.huge or (m.pools[True].folio(block) is Folio.NONE
+                                   and slot.holds_block(block))
+
+
+def group(m, count, block: int, private: bool, wanted: int, rows: int, first_of, slot) -> None:
+    """`rows` faults on the gfns of `wanted` in one block; first_of(new) is the offset of
+    the earliest of them whose gfn is in the bitmap `new`."""
+    new = wanted & ~m.maps.mapped_bitmap(block)[private]
+    if not new:
+        count["npf.avoided"] += rows
+        return
+    first = first_of(new)
+    count["exits.vm.npf"] += 1
+    m.map_gfn(block * PAGES_PER_BLOCK + first, private, slot)
+    rest = new & ~(1 << first) & FULL
+    faults = 1
+    if rest and m.maps.huge.get(block) != private:
+        faults += rest.bit_count()
+        count["exits.vm.npf"] += rest.bit_count()
+        m.map_small_many(block, rest, private, slot)
+    count["npf.avoided"] += rows - faults
 
 
 def lowest_bit(bitmap: int) -> int:
