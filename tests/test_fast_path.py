@@ -11,7 +11,7 @@ from scenario import K, M, attrs, host, memslot, npf, populate, psc, table
 from test_engine_properties import policies, valid_slots
 
 from upmtrace.policy import KNOBS, PRESETS
-from upmtrace.replay import fast, replay
+from upmtrace.replay import fast, replay, replay_many
 from upmtrace.timeline import Timeline
 from upmtrace.trace.io import read_trace
 from upmtrace.trace.synth import WORKLOADS, synthesize
@@ -99,3 +99,15 @@ def test_short_runs_swept_in_pieces_match_reference(monkeypatch_module, slots, p
     assert replay(t, policy, platform=platform, batch_rows=97).to_json() == ref
     monkeypatch_module.setattr(fast, "MIN_RUN", 1)
     assert replay(t, policy, platform=platform).to_json() == ref
+
+
+@pytest.mark.parametrize("workload", ["lazy-accept", "dma-churn", "tdx-boot"])
+def test_replay_many_gives_each_policy_its_own_replay(workload):
+    """One pass over the trace feeding every engine: the same reports as separate replays,
+    also with batches cut small and under vfio."""
+    synth = synthesize(workload, memory=256 * M, vcpus=2, seed=2, platform=None)
+    policies = [*PRESETS.values(), PRESETS["lazy"].with_overrides({"vfio": "on-convert"})]
+    policies = [p for i, p in enumerate(policies) if p not in policies[:i]]
+    alone = [replay(synth.table, p, platform=synth.platform).to_json() for p in policies]
+    together = replay_many(synth.table, policies, platform=synth.platform, batch_rows=1000)
+    assert [r.to_json() for r in together] == alone

@@ -271,10 +271,10 @@ def compare(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...
             costs_file: str | None, platform: str | None, fmt: str, output: str | None) -> None:
     """Replay TRACE under several policies and show them side by side, with deltas.
 
-    The trace is read once; the policies replay in parallel processes. --set applies to every
-    policy. In the table the lowest value of each row is marked with `*`.
+    The trace is read and decoded once, in one pass that feeds every policy. --set applies to
+    every policy. In the table the lowest value of each row is marked with `*`.
     """
-    from upmtrace.compare import check_policies, default_workers
+    from upmtrace.compare import check_policies
     from upmtrace.compare import compare as run
     from upmtrace.costs import load_costs
     from upmtrace.policy import load_policy
@@ -286,8 +286,7 @@ def compare(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...
     check_policies(policies)
     costs = load_costs(costs_file) if costs_file else None
     loaded = read_trace(trace)
-    in_process = default_workers(len(policies), loaded.events) == 1
-    with progress(loaded.events * len(policies) if in_process else 0) as advance:
+    with progress(loaded.events) as advance:  # one pass over the trace feeds every policy
         comparison = run(tracked(loaded, advance), policies, platform=platform, costs=costs)
     emit(RENDERERS[fmt](comparison, width()), output)
 
