@@ -213,6 +213,8 @@ class Chunk:
     def run(self) -> None:
         m, count, gfn = self.m, self.count, self.gfn
         count["npf.recorded"] += len(gfn)
+        if self.engine.platform is not Platform.SW and self.sweep(gfn, self.private):
+            return  # every fault usable and matching its attribute: no per-row lookups
         private = m.attrs.lookup(gfn) if self.engine.platform is Platform.SW else self.private
         slots, index = m.slots.lookup(gfn)
         gmem = np.array([s.gmem for s in slots] + [False])[index]  # index -1: no slot
@@ -251,7 +253,7 @@ class Chunk:
         """Faults whose privacy matches the attribute, in usable slots: grouped per block."""
         if not len(g):
             return
-        if self.sweep(g, p, idx, slots):
+        if self.sweep(g, p):
             return
         key = (g >> 9 << 1) | p
         order = np.argsort(key, kind="stable")
@@ -279,7 +281,7 @@ class Chunk:
             for r in np.sort(np.concatenate(slow)).tolist():
                 self.engine.fault(int(g[r]), bool(p[r]))
 
-    def sweep(self, g: np.ndarray, p: np.ndarray, idx: np.ndarray, slots: list) -> bool:
+    def sweep(self, g: np.ndarray, p: np.ndarray) -> bool:
         """The common shape, guests touching page after page: contiguous pieces of one
         privacy, mapped a block at a time."""
         if len(g) < 2:
