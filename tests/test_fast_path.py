@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from scenario import K, M, attrs, host, memslot, npf, populate, psc, table
 from test_engine_properties import policies, valid_slots
 
+from upmtrace.model.attributes import AttributeMap
 from upmtrace.policy import KNOBS, PRESETS
 from upmtrace.replay import fast, replay, replay_many
 from upmtrace.timeline import Timeline
@@ -111,3 +112,13 @@ def test_replay_many_gives_each_policy_its_own_replay(workload):
     alone = [replay(synth.table, p, platform=synth.platform).to_json() for p in policies]
     together = replay_many(synth.table, policies, platform=synth.platform, batch_rows=1000)
     assert [r.to_json() for r in together] == alone
+
+
+@given(st.lists(st.tuples(st.integers(0, 2048), st.integers(1, 700), st.booleans()),
+                max_size=12), st.integers(0, 2048), st.integers(1, 512))
+def test_block_bitmap_is_the_private_runs_as_bits(ranges, base, pages):
+    attrs = AttributeMap()
+    for g0, n, private in ranges:
+        attrs.set_range(g0, g0 + n, private)
+    bits = sum(1 << (g - base) for g in range(base, base + pages) if attrs.is_private(g))
+    assert attrs.block_bitmap(base, pages) == bits
