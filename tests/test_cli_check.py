@@ -1,4 +1,4 @@
-"""The check command: the CI gate of SPEC section 3, against a baseline written by --update."""
+"""The check command: the CI gate (docs/cli.md), against a baseline written by --update."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Determinism (issue 7): the same inputs give byte-identical JSON across runs, across Python hash
+"""Determinism: the same inputs give byte-identical JSON across runs, across Python hash
 seeds (fresh processes with different PYTHONHASHSEED) and across record-batch sizes; written
 traces and baselines are byte-identical too."""
 

@@ -1,4 +1,4 @@
-"""Fuzzing (issue 7): random bytes at every trace reader and at the importer, random well-typed
+"""Fuzzing: random bytes at every trace reader and at the importer, random well-typed
 tables through validation into the engine with every invariant checked after every event.
 Only the clean UpmtraceError may come out; what is accepted must be a valid trace.
 
@@ -181,7 +181,8 @@ def well_typed_row(draw) -> dict:
            "req": draw(st.sampled_from([-1, 0, 1, 2, (1 << 63) - 1])),
            "op": draw(st.sampled_from(["private", "shared", "psmash", "unsmash", "encrypt",
                                        None])),
-           "agent": draw(st.sampled_from(["vmm", "virtio", "", None]))}
+           "agent": draw(st.sampled_from(["vmm", "virtio", "", None])),
+           "latency": draw(st.sampled_from([None, 0, 1500, -1]))}
     for name in draw(st.lists(st.sampled_from(list(row)), max_size=2)):
         row[name] = None  # a required column left empty
     return row

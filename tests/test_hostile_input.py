@@ -1,4 +1,4 @@
-"""Every command faced with bad input (issue 7): exit 3 (2 for usage), one exact `Error:` line
+"""Every command faced with bad input: exit 3 (2 for usage), one exact `Error:` line
 naming the file (row and column where they apply), no traceback, and every output file that
 existed before the run byte-for-byte untouched, with no temporary file left beside it.
 
@@ -32,7 +32,7 @@ HOSTILE = Path(__file__).parent / "fixtures" / "hostile"
 GOOD = "good.parquet"
 GOOD_ROWS = (memslot(0, 0, 4 * M), attrs(0, 4 * M), npf(0, True), psc(0, 8 * K, "shared"),
              npf(0, False), host(0, 8 * K))
-COLUMNS = "ts, kind, vcpu, gpa, size, private, write, slot, gmem, req, op, agent"
+COLUMNS = "ts, kind, vcpu, gpa, size, private, write, slot, gmem, req, op, agent, latency"
 KNOB_NAMES = ", ".join(KNOBS)
 CSV_HEADER = "ts,kind,vcpu,gpa,size,private,write,slot,gmem,req,op,agent"
 CSV_SLOT = "0,memslot,,0,1073741824,,,0,true,,,"
@@ -262,7 +262,7 @@ TRACE_CASES = [
     Case("parquet-format-2", "t.parquet",
          parquet_of({"ts": [0], "kind": ["npf"], "vcpu": [0], "gpa": [0], "private": [True]},
                     {"upmtrace.format": "2"}),
-         "t.parquet: upmtrace.format is '2'; this upmtrace reads format '1'"),
+         "t.parquet: upmtrace.format is '2'; this upmtrace reads formats '1' and '1.1'"),
 ]
 
 # command -> its arguments around the trace; every output option points at an old file

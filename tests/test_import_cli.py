@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -37,9 +38,9 @@ def test_import_prints_events_skipped_reasons_and_recorded_counts(tmp_path):
     text = result.output
     assert f"8 events written to {out} (platform snp) from 39 lines of 1 file" in text
     assert "events: memslot 1, set_attributes 1, npf 3, psc 2, map_gpa 1" in text
-    assert "skipped lines: 15\n  12  comment or header line\n" in text
-    assert "   1  event not imported: kvm_entry" in text
-    assert "  exits.userspace.KVM_EXIT_MEMORY_FAULT  1" in text
+    assert "skipped lines: 14\n  12  comment or header line\n" in text
+    assert "latencies (kvm_exit to the vCPU's next kvm_entry): 1 on events, 1 exits" in text
+    assert re.search(r"\n  exits\.userspace\.KVM_EXIT_MEMORY_FAULT +1\n", text)
     assert "note: the log registers no memslot: added slot 0 [0x0, 0x80000000)" in text
 
 

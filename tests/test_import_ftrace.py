@@ -51,9 +51,10 @@ def test_snp_ftrace_demands_become_events_and_responses_recorded_counts(tmp_path
     assert trace.table.to_pylist() == rows(
         slot(0, 2 * G),
         attrs(0, 2 * G, True, ts=t0),
-        # MSR-protocol PSC: GHCB MSR 0x0020000000100014 = op 2 (shared), gfn 0x100
+        # MSR-protocol PSC: GHCB MSR 0x0020000000100014 = op 2 (shared), gfn 0x100; its
+        # vmgexit (2925.640967) re-entered at 2925.640980
         {"ts": 40_968 * US, "kind": "psc", "vcpu": 0, "req": -1, "gpa": 0x100000,
-         "size": 4096, "op": "shared"},
+         "size": 4096, "op": "shared", "latency": 13 * US},
         # a shared access (no bit 34/49) to a private page, then its retry after the exit
         npf(41_001 * US, 0, 0x200000, False, False),
         npf(41_021 * US, 0, 0x200000, False, False),
@@ -66,6 +67,14 @@ def test_snp_ftrace_demands_become_events_and_responses_recorded_counts(tmp_path
          "size": 4096, "op": "private"},
     )
     assert trace.platform is Platform.SNP
+    # no kvm_entry follows the other exits: unmatched, by reason, never guessed
+    assert trace.recorded.pop("exits_unmatched") == {
+        "userspace": {"KVM_EXIT_HYPERCALL": 3, "KVM_EXIT_MEMORY_FAULT": 1},
+        "vm": {"npf": 3, "vmcall": 1, "vmgexit": 2}, "vm_other": {"hlt": 1}}
+    # the MSR-protocol exit's userspace part: 2925.640970 to the entry at 2925.640980
+    assert trace.recorded.pop("latency")["exits"] == {"userspace": {"KVM_EXIT_HYPERCALL": {
+        "bits": 0, "count": 1, "max_ns": 10 * US, "min_ns": 10 * US, "total_ns": 10 * US,
+        "values": {"10000": 1}}}}
     assert trace.recorded == {
         "conversions": {"set_attributes_calls": 4},
         "exits": {"userspace": {"KVM_EXIT_HYPERCALL": 4, "KVM_EXIT_MEMORY_FAULT": 1},
@@ -74,7 +83,7 @@ def test_snp_ftrace_demands_become_events_and_responses_recorded_counts(tmp_path
                   "vm_other": {"hlt": 1}},
         "psc": {"requests": 3},
     }
-    assert summary.skipped == {"comment or header line": 12, "event not imported: kvm_entry": 1,
+    assert summary.skipped == {"comment or header line": 12,
                                "hypercall other than KVM_HC_MAP_GPA_RANGE": 1,
                                "MSR-protocol request other than PSC": 1}
     assert summary.lines == 39
@@ -144,8 +153,11 @@ def test_perf_script_with_kvm_prefix_pid_tid_and_period_columns(tmp_path):
         {"ts": 4 * US, "kind": "map_gpa", "vcpu": 0, "gpa": 0x400000, "size": 4096,
          "private": False},
     )
+    # `83801/83810` is pid/tid: the exit and the fault are one thread's (no entry follows)
     assert trace.recorded == {"exits": {"userspace_other": {"KVM_EXIT_UNKNOWN": 1},
-                                        "vm": {"npf": 1}, "vm_total": 1}}
+                                        "vm": {"npf": 1}, "vm_total": 1},
+                              "exits_unmatched": {"userspace_other": {"KVM_EXIT_UNKNOWN": 1},
+                                                  "vm": {"npf": 1}}}
     assert summary.skipped == {}
 
 

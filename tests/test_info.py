@@ -46,7 +46,7 @@ def test_summarize(trace_path):
     summary = summarize(trace)
     assert list(summary) == ["path", "sha256", "platform", "source", "events",
                              "events_by_kind", "vcpus", "time", "memslots", "memslot_bytes",
-                             "gmem_bytes", "recorded"]
+                             "gmem_bytes", "populate_bytes", "recorded"]
     assert summary["path"] == str(trace_path)
     assert summary["sha256"] == trace.sha256
     assert (summary["platform"], summary["source"], summary["events"]) == ("tdx", "hand made", 10)
@@ -112,3 +112,25 @@ def test_help_and_usage_errors(trace_path):
     assert "events by kind" in runner.invoke(cli, ["info", "--help"]).stdout
     assert runner.invoke(cli, ["info", str(trace_path), "--format", "xml"]).exit_code == 2
     assert runner.invoke(cli, ["info", str(trace_path), "--platform", "arm"]).exit_code == 2
+
+
+def test_populate_rows_are_counted_and_their_bytes_summed(tmp_path):
+    rows = ROWS[:3] + [
+        {"ts": 1200, "kind": "populate", "gpa": 0x100000, "size": 6 * MIB},
+        {"ts": 1300, "kind": "populate", "gpa": 0x800000, "size": 0x9000},
+    ] + ROWS[3:]
+    path = tmp_path / "launch.jsonl"
+    write_trace(from_rows(rows), path, platform="snp")
+    summary = summarize(read_trace(path))
+    assert summary["events_by_kind"]["populate"] == 2
+    assert summary["populate_bytes"] == 6 * MIB + 0x9000
+    out = CliRunner().invoke(cli, ["info", str(path)]).stdout
+    populated = [line for line in out.splitlines() if "populated bytes" in line]
+    assert len(populated) == 1 and "6.0 MiB" in populated[0], populated
+    kinds = {line.split()[1]: line.split()[3] for line in out.splitlines()
+             if line.startswith("│") and line.split()[1] == "populate"}
+    assert kinds == {"populate": "2"}
+
+
+def test_populate_bytes_is_zero_without_populate(trace_path):
+    assert summarize(read_trace(trace_path))["populate_bytes"] == 0

@@ -1,4 +1,4 @@
-"""Limits (issue 7): address ranges that would need absurd memory if the model were dense.
+"""Limits: address ranges that would need absurd memory if the model were dense.
 
 The model keeps state per touched 2 MiB block (bitmaps in dicts) and attributes as runs, so a
 4 TiB guest_memfd slot, or slots spanning all 2^52 bytes of guest-physical space, cost memory
@@ -157,7 +157,7 @@ def test_host_access_of_a_huge_range_is_sparse_or_refused(monkeypatch):
 
 
 def test_tdx_map_gpa_cuts_2_mib_chunks_by_spec():
-    """SPEC 5: one exit and conversion per 2 MiB chunk. A 1 GiB MapGPA is 512 of them; this
+    """TDX MapGPA: one exit and conversion per 2 MiB chunk. A 1 GiB MapGPA is 512 of them; this
     work grows with the range by definition (memory does not: the conversions are runs)."""
     report = replay(table(memslot(0, 0, 4 * T), map_gpa(0, 1 << 30, True)), platform="tdx")
     assert report.get("exits.userspace.KVM_EXIT_HYPERCALL") == 512

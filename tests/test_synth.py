@@ -17,8 +17,11 @@ from upmtrace.cli import cli
 from upmtrace.trace.io import read_trace, write_trace
 from upmtrace.trace.schema import BLOCK_SIZE, MSR_REQ, PAGE_SIZE, SCHEMA
 from upmtrace.trace.synth import WORKLOADS, synthesize
+from upmtrace.trace.synth.launch import KERNEL_BYTES, KERNEL_GPA, SNP_LAUNCH, TDX_LAUNCH
 from upmtrace.trace.synth.layout import (
     DEVICES,
+    FIRMWARE_GPA,
+    FIRMWARE_SIZE,
     HIGH_RAM_BASE,
     RING_PAGES,
     boot_accepted_bytes,
@@ -165,11 +168,14 @@ def test_snp_boot_memslots_are_qemu_like_and_marked_private():
     slots = c["kind"] == "memslot"
     got = sorted(zip(c["slot"][slots], c["gpa"][slots], c["size"][slots], c["gmem"][slots],
                      strict=True))
-    assert got[:2] == [(0, 0, 2 * GiB, True), (1, HIGH_RAM_BASE, 1 * GiB, True)]
-    assert not any(g for *_, g in got[2:])
+    assert got == [(0, 0, 2 * GiB, True), (1, HIGH_RAM_BASE, 1 * GiB, True),
+                   (2, FIRMWARE_GPA, FIRMWARE_SIZE, True)]  # pc.bios on guest_memfd
     marks = c["kind"] == "set_attributes"
-    assert sorted(zip(c["gpa"][marks], c["size"][marks], c["private"][marks], strict=True)) == [
-        (0, 2 * GiB, True), (HIGH_RAM_BASE, 1 * GiB, True)]
+    slots = [(0, 2 * GiB, True), (FIRMWARE_GPA, FIRMWARE_SIZE, True),
+             (HIGH_RAM_BASE, 1 * GiB, True)]
+    launch = [(gpa, size, True) for gpa, size in SNP_LAUNCH]  # before each launch update
+    assert sorted(zip(c["gpa"][marks], c["size"][marks], c["private"][marks],
+                      strict=True)) == sorted(slots + launch)
     assert np.all(c["vcpu"][marks] == -1)
 
 
@@ -185,7 +191,9 @@ def test_snp_boot_shares_ghcb_by_msr_and_swiotlb_by_ghcb_requests():
     # SWIOTLB, then the virtio rings (4 KiB entries) at driver probe
     assert c["size"][swiotlb_rows].sum() == swiotlb_bytes(memory) + DEVICES * RING_PAGES * 4096
     # every RAM page not shared before the touch phase is faulted private exactly once
-    private = c["gpa"][(c["kind"] == "npf") & (c["private"] == True)]  # noqa: E712
+    # (pages the launch populated too: on SNP populating maps nothing)
+    ram = (c["gpa"] < FIRMWARE_GPA) | (c["gpa"] >= HIGH_RAM_BASE)
+    private = c["gpa"][(c["kind"] == "npf") & (c["private"] == True) & ram]  # noqa: E712
     assert len(private) == len(set(private)) == (memory // PAGE_SIZE
                                                  - swiotlb_bytes(memory) // PAGE_SIZE
                                                  - (2 * vcpus + 1))
@@ -209,9 +217,10 @@ def test_snp_boot_accepts_with_psc_to_private_before_touching(synths):
 
 def test_lazy_accept_takes_4m_chunks_each_followed_by_1024_private_faults(synths):
     c = synths["lazy-accept"]
-    chunks = [r for r in requests(c) if len(r) == 2 and c["op"][r[0]] == "private"]
-    assert len(chunks) > 10
     boot = boot_accepted_bytes(GiB)
+    chunks = [r for r in requests(c) if len(r) == 2 and c["op"][r[0]] == "private"
+              and c["gpa"][r[0]] >= boot]  # (at boot, a 2-page run between launch pages)
+    assert len(chunks) > 10
     for rows in chunks:
         gpa = int(c["gpa"][rows[0]])
         assert list(c["size"][rows]) == [BLOCK_SIZE, BLOCK_SIZE]
@@ -356,3 +365,101 @@ def test_merge_interleaves_whole_groups_by_key():
                                                   private=False), np.array([1, 0, 2]))
     table = Script().add(merge(a, b)).table()
     assert [g >> 12 for g in table.column("gpa").to_pylist()] == [0, 1, 100, 2, 3, 4, 5, 101, 102]
+
+
+# --- the launch: populate before the first vCPU event ----------------------------------------
+
+LAUNCHED = {"snp-boot": SNP_LAUNCH, "lazy-accept": SNP_LAUNCH, "tdx-boot": TDX_LAUNCH}
+
+
+def _pages(ranges) -> set[int]:
+    return {p for gpa, size in ranges for p in range(gpa >> 12, (gpa + size) >> 12)}
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+@pytest.mark.parametrize("memory", [256 * MiB, 3 * GiB, 8 * GiB])
+def test_boot_workloads_populate_valid_pages_before_the_first_vcpu_event(name, memory):
+    """Every populated page lies in a guest_memfd slot registered and set private before it is
+    populated, and every populate row comes before the first vCPU event; whatever the guest's
+    size, the firmware region just below 4 GiB is a slot of its own, not RAM."""
+    rows = synthesize(name, memory=memory, vcpus=2, seed=3).table.to_pylist()
+    populate = [(r["gpa"], r["size"]) for r in rows if r["kind"] == "populate"]
+    assert populate == list(LAUNCHED.get(name, ()))
+    if not populate:  # dma-churn and implicit: the firmware is a flash slot, no launch
+        assert [r["gmem"] for r in rows if r["kind"] == "memslot"][-1] is False
+        return
+    first_vcpu = min(i for i, r in enumerate(rows) if r["vcpu"] >= 0)
+    assert max(i for i, r in enumerate(rows) if r["kind"] == "populate") < first_vcpu
+    slots, private = [], set()
+    for r in rows[:first_vcpu]:
+        if r["kind"] == "memslot":
+            assert not any(r["gpa"] < g + s and g < r["gpa"] + r["size"] for g, s, _ in slots)
+            slots.append((r["gpa"], r["size"], r["gmem"]))
+        elif r["kind"] == "set_attributes" and r["private"]:
+            private |= _pages([(r["gpa"], r["size"])])
+        elif r["kind"] == "populate":
+            pages = _pages([(r["gpa"], r["size"])])
+            assert pages <= private
+            assert all(any(g <= p << 12 < g + s and gmem for g, s, gmem in slots)
+                       for p in pages)
+    assert (FIRMWARE_GPA, FIRMWARE_SIZE, True) in slots
+
+
+def test_snp_launch_is_ovmf_at_the_top_of_4g_and_a_kernel_low():
+    ovmf, kernel, *metadata = SNP_LAUNCH
+    assert ovmf == (FIRMWARE_GPA, FIRMWARE_SIZE) and sum(ovmf) == 4 * GiB
+    assert kernel == (KERNEL_GPA, KERNEL_BYTES) == (1 * MiB, 6 * MiB)
+    assert all(8 * MiB <= gpa and gpa + size <= 9 * MiB for gpa, size in metadata)
+    assert not _pages([kernel]) & _pages(metadata)
+
+
+def test_tdx_launch_is_tdvf_firmware_volumes_at_the_top_and_hob_low():
+    bfv, cfv, *low = TDX_LAUNCH
+    assert sum(bfv) == 4 * GiB and cfv[0] == FIRMWARE_GPA and sum(cfv) == bfv[0]
+    assert all(8 * MiB <= gpa and gpa + size <= 9 * MiB for gpa, size in low)
+
+
+@pytest.mark.parametrize("name", ["snp-boot", "lazy-accept", "tdx-boot"])
+def test_launched_pages_are_not_accepted_again(name, synths):
+    c = synths[name]
+    launched = _pages(LAUNCHED[name])
+    accepted = c["kind"] == "psc"
+    psc_pages = _pages(zip(c["gpa"][accepted].astype(int), c["size"][accepted].astype(int),
+                           strict=True))
+    assert not psc_pages & launched
+    faults = c["gpa"][c["kind"] == "npf"].astype(int) >> 12
+    touched = [int(p) for p in faults if p in launched]
+    if name == "tdx-boot":  # in the Secure EPT: the guest does not fault on them
+        assert touched == []
+    else:  # SNP: nothing is mapped; the kernel and metadata pages fault once each
+        low = {p for p in launched if p < FIRMWARE_GPA >> 12}
+        assert sorted(p for p in touched if p in low) == sorted(low)
+
+
+def test_info_shows_the_launch(tmp_path):
+    import json
+
+    result = synthesize("snp-boot", memory=256 * MiB, vcpus=2, seed=0)
+    path = tmp_path / "t.parquet"
+    write_trace(result.table, path, platform=result.platform, source=result.source)
+    info = json.loads(CliRunner().invoke(cli, ["info", str(path), "--format", "json"]).stdout)
+    assert info["events_by_kind"]["populate"] == len(SNP_LAUNCH)
+    assert info["populate_bytes"] == sum(size for _, size in SNP_LAUNCH)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow", ".feather", ".jsonl", ".csv"])
+def test_synth_then_replay_keeps_the_platform_in_every_format(tmp_path, suffix):
+    """`synth tdx-boot -o t.csv` then `replay t.csv` replays as tdx: no writer drops it."""
+    import json
+
+    out = str(tmp_path / f"t{suffix}")
+    runner = CliRunner()
+    made = runner.invoke(cli, ["synth", "tdx-boot", "--memory", "256M", "--vcpus", "1",
+                               "-o", out])
+    assert made.exit_code == 0, made.output
+    result = runner.invoke(cli, ["replay", out, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["trace"]["platform"] == "tdx"
+    assert report["populate"]["calls"] == len(TDX_LAUNCH)
+    assert read_trace(out).source.startswith("upmtrace synth tdx-boot --memory 256M")

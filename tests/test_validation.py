@@ -1,4 +1,4 @@
-"""SPEC.md section 2 validation through `upmtrace info`: exit 3, one exact line, no traceback."""
+"""Trace validation (docs/format.md) via `upmtrace info`: exit 3, one exact line, no traceback."""
 
 from __future__ import annotations
 
@@ -165,13 +165,15 @@ def test_jsonl_fraction(tmp_path):
 def test_jsonl_unknown_column(tmp_path):
     _jsonl(tmp_path, NPF, NPF.replace("}", ', "cpu": 3}'))
     assert_error("t.jsonl", "t.jsonl, row 2, column 'cpu': unknown column (known: ts, kind, "
-                            "vcpu, gpa, size, private, write, slot, gmem, req, op, agent)")
+                            "vcpu, gpa, size, private, write, slot, gmem, req, op, agent, "
+                            "latency)")
 
 
 def test_csv_unknown_column(tmp_path):
     (tmp_path / "t.csv").write_text("ts,kind,colour\n0,npf,red\n")
     assert_error("t.csv", "t.csv, row 1, column 'colour': unknown column (known: ts, kind, "
-                          "vcpu, gpa, size, private, write, slot, gmem, req, op, agent)")
+                          "vcpu, gpa, size, private, write, slot, gmem, req, op, agent, "
+                          "latency)")
 
 
 @pytest.mark.parametrize("missing", ["ts", "kind"])
@@ -201,7 +203,8 @@ def test_parquet_unknown_column(tmp_path):
     pq.write_table(pa.table({"ts": [0], "kind": ["npf"], "extra": [None]}),
                    tmp_path / "t.parquet")
     assert_error("t.parquet", "t.parquet, column 'extra': unknown column (known: ts, kind, "
-                              "vcpu, gpa, size, private, write, slot, gmem, req, op, agent)")
+                              "vcpu, gpa, size, private, write, slot, gmem, req, op, agent, "
+                              "latency)")
 
 
 def test_missing_file():
@@ -272,12 +275,15 @@ def _with_metadata(tmp_path, metadata: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("metadata,message", [
-    ({"upmtrace.format": "2"}, "upmtrace.format is '2'; this upmtrace reads format '1'"),
+    ({"upmtrace.format": "2"},
+     "upmtrace.format is '2'; this upmtrace reads formats '1' and '1.1'"),
+    ({"upmtrace.format": "1.0"},
+     "upmtrace.format is '1.0'; this upmtrace reads formats '1' and '1.1'"),
     ({"upmtrace.platform": "arm"},
      "upmtrace.platform is 'arm' (expected one of snp, tdx, sw)"),
     ({"upmtrace.recorded": "[1, 2]"}, "upmtrace.recorded is not a JSON object"),
     ({"upmtrace.recorded": "{exits"}, "upmtrace.recorded is not a JSON object"),
-], ids=["format", "platform", "recorded_list", "recorded_not_json"])
+], ids=["format", "format_1_0", "platform", "recorded_list", "recorded_not_json"])
 def test_bad_metadata(tmp_path, metadata, message):
     _with_metadata(tmp_path, metadata)
     assert_error("t.parquet", f"t.parquet: {message}")
@@ -305,3 +311,130 @@ def test_arrow_invalid_utf8(tmp_path):
             pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     assert_error("t.arrow", "t.arrow, row 2, column 'agent': agent is not valid UTF-8")
+
+
+# --- latency (format 1.1) --------------------------------------------------------------------
+
+LATENCY_MESSAGE = ("row 2, column 'latency': latency -5 is negative (nanoseconds from an exit "
+                   "to the next entry)")
+
+
+def test_csv_negative_latency(tmp_path):
+    (tmp_path / "t.csv").write_text(f"{HEADER},latency\n{SLOT},\n1,npf,0,0,,true,,,,,,,-5\n")
+    assert_error("t.csv", f"t.csv, {LATENCY_MESSAGE}")
+
+
+def test_jsonl_negative_latency(tmp_path):
+    _jsonl(tmp_path, '{"upmtrace": {"format": "1.1"}}', NPF,
+           NPF.replace("}", ', "latency": -5}'))
+    assert_error("t.jsonl", f"t.jsonl, row 3, {LATENCY_MESSAGE.removeprefix('row 2, ')}")
+
+
+@pytest.mark.parametrize("name", ["t.parquet", "t.arrow"])
+def test_binary_negative_latency(tmp_path, name):
+    table = from_rows([{"ts": 0, "kind": "npf", "vcpu": 0, "gpa": 0, "private": True,
+                        "latency": 10},
+                       {"ts": 1, "kind": "npf", "vcpu": 0, "gpa": 0, "private": True,
+                        "latency": -5}])
+    if name.endswith(".parquet"):
+        pq.write_table(table, tmp_path / name)
+    else:
+        with pa.OSFile(str(tmp_path / name), "wb") as sink, \
+                pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    assert_error(name, f"{name}, {LATENCY_MESSAGE}")
+
+
+def test_csv_latency_of_another_type(tmp_path):
+    (tmp_path / "t.csv").write_text(f"{HEADER},latency\n{SLOT},\n1,npf,0,0,,true,,,,,,,1.5\n")
+    assert_error("t.csv", "t.csv, row 2, column 'latency': latency '1.5' is not an integer")
+
+
+def test_latency_on_any_kind_and_zero_are_valid(tmp_path):
+    _jsonl(tmp_path, '{"ts": 0, "kind": "memslot", "slot": 0, "gpa": 0, "size": 4096, '
+                     '"latency": 0}', NPF.replace("}", ', "latency": 9223372036854775807}'))
+    assert run_info("t.jsonl").exit_code == 0
+
+
+# --- dictionaries in another order -----------------------------------------------------------
+
+ORDERED = [
+    {"ts": 0, "kind": "memslot", "slot": 0, "gpa": 0, "size": 1 << 30, "gmem": True},
+    {"ts": 1, "kind": "set_attributes", "gpa": 0, "size": 1 << 30, "private": True},
+    {"ts": 3, "kind": "npf", "vcpu": 0, "gpa": 0x200000, "private": True, "write": True},
+    {"ts": 4, "kind": "psc", "vcpu": 0, "req": 1, "gpa": 0x200000, "size": 4096,
+     "op": "shared"},
+    {"ts": 4, "kind": "psc", "vcpu": 0, "req": 1, "gpa": 0x400000, "size": 0x200000,
+     "op": "psmash"},
+    {"ts": 5, "kind": "map_gpa", "vcpu": 1, "gpa": 0x600000, "size": 8192, "private": False},
+    {"ts": 6, "kind": "host_access", "vcpu": -1, "gpa": 0x200000, "size": 64,
+     "write": True, "agent": "virtio"},
+    {"ts": 7, "kind": "host_access", "vcpu": -1, "gpa": 0x201000, "size": 64,
+     "write": False, "agent": "vmm"},
+    {"ts": 8, "kind": "psc", "vcpu": 0, "req": -1, "gpa": 0x200000, "size": 4096,
+     "op": "private"},
+]
+
+
+def _reordered(rows: list[dict]) -> pa.Table:
+    """`rows` with kind, op and agent dictionaries in reverse order of the canonical one (kind:
+    populate first, memslot last), and an op dictionary entry no row uses."""
+    table = from_rows(rows)
+    for name, extra in (("kind", []), ("op", ["unused"]), ("agent", [])):
+        column = table.column(name).combine_chunks()
+        words = column.dictionary.to_pylist()
+        reverse = extra + words[::-1]
+        indices = pa.array([None if w is None else reverse.index(w)
+                            for w in column.to_pylist()], pa.int8())
+        table = table.set_column(table.schema.get_field_index(name), name,
+                                 pa.DictionaryArray.from_arrays(indices, reverse))
+    return table
+
+
+def test_a_parquet_file_with_the_kind_dictionary_reversed_reads_and_replays(tmp_path,
+                                                                            monkeypatch):
+    from upmtrace.trace import io as trace_io
+    from upmtrace.trace.io import read_trace
+
+    table = _reordered(ORDERED)
+    assert table.column("kind").chunk(0).dictionary.to_pylist()[0] == "populate"
+    pq.write_table(table, tmp_path / "t.parquet")
+    write_trace(from_rows(ORDERED), tmp_path / "c.parquet")
+    assert read_trace(tmp_path / "t.parquet").table.equals(from_rows(ORDERED))
+    with monkeypatch.context() as patch:
+        patch.setattr(trace_io, "STREAM_ROWS", 3)  # the batch-by-batch path too
+        streamed = read_trace(tmp_path / "t.parquet")
+        assert streamed.loaded is None and streamed.table.equals(from_rows(ORDERED))
+    reports = {}
+    for name in ("t.parquet", "c.parquet"):
+        result = CliRunner().invoke(cli, ["replay", name, "--format", "json"])
+        assert result.exit_code == 0, result.output
+        reports[name] = json.loads(result.stdout)
+        del reports[name]["trace"]
+    assert reports["t.parquet"] == reports["c.parquet"]
+    summary = json.loads(CliRunner().invoke(cli, ["info", "t.parquet", "--format", "json"])
+                         .stdout)
+    assert summary["events_by_kind"] == {"memslot": 1, "set_attributes": 1, "npf": 1,
+                                         "psc": 3, "map_gpa": 1, "host_access": 2,
+                                         "populate": 0}
+
+
+def test_validate_reads_codes_by_value_not_by_dictionary_position():
+    """validate() itself on a SCHEMA table whose dictionaries are not in canonical order."""
+    from upmtrace.errors import TraceError
+    from upmtrace.trace.validate import validate
+
+    validate(_reordered(ORDERED))
+    bad = [dict(r) for r in ORDERED]
+    bad[3]["gpa"] = 0x200800  # a psc entry, not 4 KiB aligned
+    with pytest.raises(TraceError, match="row 4, column 'gpa': gpa 0x200800 is not 4 KiB"):
+        validate(_reordered(bad))
+    no_op = [dict(r) for r in ORDERED]
+    no_op[4]["op"] = None
+    with pytest.raises(TraceError, match="row 5, column 'op': missing op"):
+        validate(_reordered(no_op))
+    host_npf = [dict(r) for r in ORDERED]
+    host_npf[2]["vcpu"] = -1
+    with pytest.raises(TraceError, match="row 3, column 'vcpu': vcpu -1 is not a vCPU index "
+                                         r"\(npf events"):
+        validate(_reordered(host_npf))

@@ -1,8 +1,8 @@
-"""The `check` baseline file: a section 6 report plus what it guards (schema upmtrace.baseline.v1).
+"""The `check` baseline file: a replay report plus what it guards (schema upmtrace.baseline.v1).
 
     {"schema": "upmtrace.baseline.v1",
      "guard": {"metrics": ["exits.vm.npf", ...], "tolerance": 0},
-     "report": { ...the section 6 report: trace.sha256, policy name and knobs, counters... }}
+     "report": { ...the replay report: trace.sha256, policy name and knobs, counters... }}
 
 `guard.metrics` are dotted keys of numeric report leaves; `guard.tolerance` is a percentage.
 """

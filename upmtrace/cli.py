@@ -59,6 +59,9 @@ class Group(click.Group):
                 traceback.print_exc()
             click.echo(f"Error: {err}", err=True)
             ctx.exit(err.exit_code)
+        except KeyboardInterrupt:  # Ctrl-C: 128 + SIGINT, as the shell reports it
+            click.echo("Interrupted", err=True)
+            ctx.exit(128 + signal.SIGINT)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -176,6 +179,37 @@ def import_cmd(logs: tuple[str, ...], out: str, fmt: str | None, platform: str |
     click.echo(render(import_logs(logs, out, options)), nl=False)
 
 
+@cli.command()
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
+              help="Text log to write (atomically), the input of `upmtrace import`.")
+@click.option("--pid", type=click.IntRange(1), default=None,
+              help="Record only this VMM process (every thread); default: all of KVM.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS", help="Record for this long (default: until Ctrl-C).")
+@click.option("--tool", type=click.Choice(["trace-cmd", "perf"]), default="trace-cmd",
+              show_default=True, help="The recorder to run.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the exact commands and the QEMU -trace options instead of running.")
+def record(out: str, pid: int | None, duration: float | None, tool: str, dry_run: bool) -> None:
+    """Record a running VM's kvm tracepoints into the text log `import` reads.
+
+    Enables every tracepoint the importer reads (kvm_exit and kvm_entry included, for exit
+    latencies), runs trace-cmd record (or perf record), then writes its text form (trace-cmd
+    report / perf script). Needs root. Ctrl-C ends the recording and still writes the log
+    (exit 0). Tracefs is looked for at /sys/kernel/tracing unless UPMTRACE_TRACEFS names it.
+    """
+    from upmtrace.trace import record as recorder
+    from upmtrace.units import human_bytes
+
+    request = recorder.Request(out, tool, pid, duration)
+    if dry_run:
+        click.echo(recorder.recipe(request, recorder.plan(request)), nl=False)
+        return
+    outcome = recorder.record(request, notify=lambda text: click.echo(text, err=True))
+    stopped = "; recording stopped by Ctrl-C" if outcome.interrupted else ""
+    click.echo(f"wrote {out} ({human_bytes(outcome.bytes)}){stopped}", err=True)
+
+
 # --- replay commands (replay, compare, policies) ------------------------------------------
 
 
@@ -212,7 +246,7 @@ def emit(text: str, output: str | None) -> None:
 @click.option("--platform", type=PLATFORM, default=None,
               help="Override the trace's platform (default: its metadata, else snp).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
-              show_default=True, help="Output format; json is the section 6 report.")
+              show_default=True, help="Output format; json is the report of docs/report.md.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Write the report to FILE (atomically) instead of stdout.")
 @click.option("--timeline", type=click.Path(dir_okay=False), default=None,
@@ -220,9 +254,11 @@ def emit(text: str, output: str | None) -> None:
 @click.option("--timeline-rows", type=click.IntRange(1), default=1000, show_default=True,
               help="At most this many timeline samples (plus the final state).")
 @click.option("--paranoid", is_flag=True, help="Check every model invariant after every event.")
+@click.option("--by-vcpu", is_flag=True,
+              help="Break events and recorded exit time down per vCPU (JSON: by_vcpu).")
 def replay(trace: str, policy_spec: str, overrides: tuple[str, ...], costs_file: str | None,
            platform: str | None, fmt: str, output: str | None, timeline: str | None,
-           timeline_rows: int, paranoid: bool) -> None:
+           timeline_rows: int, paranoid: bool, by_vcpu: bool) -> None:
     """Replay TRACE under a policy and report exits, memory and direct-map cost."""
     from upmtrace.costs import load_costs
     from upmtrace.policy import load_policy
@@ -240,7 +276,7 @@ def replay(trace: str, policy_spec: str, overrides: tuple[str, ...], costs_file:
     sampler = Timeline.over(loaded, timeline_rows) if timeline else None
     with progress(loaded.events) as advance:
         result = run(tracked(loaded, advance), policy, costs=costs, paranoid=paranoid,
-                     timeline=sampler)
+                     timeline=sampler, by_vcpu=by_vcpu)
     if sampler:
         sampler.write(timeline)
     emit(RENDERERS[fmt](result, width()), output)
@@ -264,7 +300,7 @@ def policies() -> None:
 @click.option("--platform", type=PLATFORM, default=None,
               help="Override the trace's platform (default: its metadata, else snp).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
-              show_default=True, help="Output format; json holds every section 6 report.")
+              show_default=True, help="Output format; json holds every report (docs/report.md).")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Write the comparison to FILE (atomically) instead of stdout.")
 def compare(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...],

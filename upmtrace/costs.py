@@ -1,4 +1,4 @@
-"""The cost table: estimated nanoseconds per operation (SPEC.md section 5, "Cost").
+"""The cost table: estimated nanoseconds per operation (docs/model.md, "Cost").
 
 Every figure is an order-of-magnitude estimate for a current x86 server, not a measurement of
 any machine; the report labels the total an estimate. Override any of them with a TOML file of

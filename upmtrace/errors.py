@@ -36,7 +36,7 @@ class InputError(UpmtraceError):
 
 
 class TraceError(InputError):
-    """A trace breaks SPEC.md section 2."""
+    """A trace breaks the trace format (docs/format.md)."""
 
 
 class PolicyError(InputError):

@@ -1,7 +1,7 @@
 """Fleet replay: every (trace, policy) pair of many traces, on a process pool or a Dask cluster.
 
 A worker runs `replay_pair` on its own: it opens the trace file itself (a path or a URL pyarrow
-can open), so only a path and a policy travel to it, and it returns one flat row: the section 6
+can open), so only a path and a policy travel to it, and it returns one flat row: the report
 keys with dotted names. Rows are gathered as they complete and written sorted by (trace path,
 policy order), so every executor gives the same bytes. Dask is imported only by its executor.
 """
@@ -37,7 +37,7 @@ TRACE_SUFFIXES = (".parquet", ".arrow", ".feather", ".jsonl", ".csv")
 PERCENTILE_METHOD = "linear"  # numpy's default (Hyndman & Fan type 7)
 DASK_HINT = "pip install 'upmtrace[dask]'"
 
-# --- the result table: one row per pair, the section 6 keys flattened --------------------
+# --- the result table: one row per pair, the report keys flattened --------------------
 
 METRICS: tuple[str, ...] = (
     "exits.userspace.KVM_EXIT_MEMORY_FAULT", "exits.userspace.KVM_EXIT_HYPERCALL",

@@ -1,4 +1,4 @@
-"""The simulated machine of SPEC.md section 5: state and the operations events are made of.
+"""The simulated machine of docs/model.md: state and the operations events are made of.
 
 The engine decides what an event means (exits, runs, chunks); the Machine carries it out on the
 memslots, the attribute map, the two pools, the mappings, the RMP and the direct map, and keeps

@@ -5,12 +5,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pyarrow as pa
 
 from upmtrace.policy import PRESETS, Policy
 from upmtrace.replay.engine import BATCH_ROWS, COLS, Engine, Result, batch_rows_of
 from upmtrace.replay.fast import run_batches
 from upmtrace.timeline import Timeline
+from upmtrace.timing import add_timing
 from upmtrace.trace.schema import Platform
 
 
@@ -31,8 +34,9 @@ def _open(trace, batch_rows: int, platform: str | None):
 def replay(trace, policy: Policy | None = None, *, platform: str | None = None,
            costs: dict[str, int] | None = None, paranoid: bool = False,
            batch_rows: int = BATCH_ROWS, timeline: Timeline | None = None,
-           reference: bool = False) -> Result:
-    """Replay a Trace (or a bare SCHEMA table) under a policy; returns the section 6 report.
+           reference: bool = False, by_vcpu: bool = False) -> Result:
+    """Replay a Trace (or a bare SCHEMA table) under a policy; returns the report
+    (docs/report.md).
 
     The batch path (upmtrace.replay.fast) is used unless `reference` or `paranoid` asks for the
     row-by-row reference loop; both give the same report.
@@ -44,7 +48,9 @@ def replay(trace, policy: Policy | None = None, *, platform: str | None = None,
         engine.run(row for batch in batches for row in batch_rows_of(batch))
     else:
         run_batches(engine, batches)
-    return Result(engine.report(info, recorded, costs))
+    report = engine.report(info, recorded, costs)
+    add_timing(report, trace, plat, recorded, per_vcpu=by_vcpu)  # the recorded time, if any
+    return Result(report)
 
 
 def replay_many(trace, policies: list[Policy], *, platform: str | None = None,
@@ -53,10 +59,19 @@ def replay_many(trace, policies: list[Policy], *, platform: str | None = None,
     """Replay one trace under every policy in one pass: each record batch is read, validated
     and decoded once and fed to one engine per policy. Results in policy order, each the same
     report `replay` gives."""
+    if not policies:
+        return []
     batches, info, recorded, plat = _open(trace, batch_rows, platform)
     engines = [Engine(policy, plat) for policy in policies]
     run_batches(engines, batches)
-    return [Result(engine.report(dict(info), recorded, costs)) for engine in engines]
+    reports = [engine.report(dict(info), recorded, costs) for engine in engines]
+    first = reports[0]
+    add_timing(first, trace, plat, recorded)  # the recorded time: the same under every policy
+    for report in reports[1:]:
+        report["recorded"] = copy.deepcopy(first["recorded"])
+        if "timing" in first:
+            report["timing"] = copy.deepcopy(first["timing"])
+    return [Result(report) for report in reports]
 
 
 __all__ = ["Engine", "Result", "replay", "replay_many"]

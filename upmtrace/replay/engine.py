@@ -1,4 +1,5 @@
-"""The reference replay loop: trace events in, counters out, row by row. Prints nothing.
+"""The reference replay loop: trace events in, counters out (docs/model.md), row by row.
+Prints nothing.
 
 The Engine feeds one event at a time to the model; it is the oracle the batch path
 (upmtrace.replay.fast) is tested against.
@@ -36,7 +37,7 @@ COLS = ("ts", "kind", "vcpu", "gpa", "size", "private", "write", "slot", "gmem",
 
 @dataclass(frozen=True)
 class Result:
-    """One replay's report (SPEC.md section 6) as plain data."""
+    """One replay's report (docs/report.md) as plain data."""
 
     report: dict[str, Any]
 
@@ -153,7 +154,7 @@ class Engine:
         self.fault(row[3] >> PAGE_SHIFT, bool(row[5]))
 
     def fault(self, gfn: int, private: bool) -> None:
-        """A nested page fault on gfn, the access private or not (SPEC.md section 5, npf)."""
+        """A nested page fault on gfn, the access private or not (docs/model.md, npf)."""
         m, count = self.m, self.count
         if self.platform is Platform.SW:
             private = m.attrs.is_private(gfn)

@@ -42,6 +42,7 @@ def _overview(summary: dict) -> Table:
         ("duration", _seconds(time["duration_ns"])),
         ("memslot bytes", human_bytes(summary["memslot_bytes"])),
         ("guest_memfd bytes", human_bytes(summary["gmem_bytes"])),
+        ("populated bytes", human_bytes(summary["populate_bytes"])),
     ):
         table.add_row(key, value)
     return table

@@ -1,4 +1,4 @@
-"""The section 6 report as JSON: deterministic, the same bytes for the same replay."""
+"""The report (docs/report.md) as JSON: deterministic, the same bytes for the same replay."""
 
 from __future__ import annotations
 

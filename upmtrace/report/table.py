@@ -160,9 +160,11 @@ def sections(r: dict) -> list[Table]:
 
 def render(result: Result, width: int = 100) -> str:
     """Policy, the exits as `perf kvm stat` shows them, then the small tables side by side."""
+    from upmtrace.report.timing import tables  # recorded time, per vCPU (it imports ns)
+
     r = result.report
     grid = Columns(sections(r), padding=(1, 3))
-    return rstrip(to_text(head(r), exits_table(r), grid, width=width))
+    return rstrip(to_text(head(r), exits_table(r), *tables(r), grid, width=width))
 
 
 def rstrip(text: str) -> str:

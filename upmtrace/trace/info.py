@@ -16,6 +16,7 @@ def summarize(trace: Trace) -> dict:
     Reads the events a record batch at a time, so a long streamed trace is never held whole.
     """
     kinds = np.zeros(len(Kind), dtype=np.int64)
+    populate_bytes = 0
     vcpus: set[int] = set()
     first = last = None
     memslot_rows: list[tuple[int, dict]] = []
@@ -23,6 +24,7 @@ def summarize(trace: Trace) -> dict:
     for batch in trace.batches():
         table = pa.Table.from_batches([batch])
         kinds += _by_kind(table)
+        populate_bytes += _populate_bytes(table)
         vcpus.update(pc.unique(table.column("vcpu")).drop_null().to_pylist())
         if table.num_rows:
             ts = table.column("ts")
@@ -45,13 +47,29 @@ def summarize(trace: Trace) -> dict:
         "memslots": memslots,
         "memslot_bytes": sum(slot["size"] for slot in live),
         "gmem_bytes": sum(slot["size"] for slot in live if slot["gmem"]),
+        "populate_bytes": populate_bytes,
         "recorded": trace.recorded,
     }
 
 
 def _by_kind(table: pa.Table) -> np.ndarray:
+    """Rows per Kind (in Kind order, whatever the order of the column's dictionary)."""
     kinds = table.column("kind").combine_chunks()
-    return np.bincount(np.asarray(kinds.indices), minlength=len(Kind))[:len(Kind)]
+    words = kinds.dictionary.to_pylist()
+    counts = np.bincount(np.asarray(kinds.indices), minlength=len(words))
+    code = {kind.value: i for i, kind in enumerate(Kind)}
+    out = np.zeros(len(Kind), dtype=np.int64)
+    for word, count in zip(words, counts.tolist(), strict=True):
+        if word in code:  # validated: a row's kind is always known
+            out[code[word]] += count
+    return out
+
+
+def _populate_bytes(table: pa.Table) -> int:
+    """Bytes the VMM populated before the guest ran (the sum of populate rows' sizes; a page
+    populated twice counts twice)."""
+    mask = pc.equal(table.column("kind"), Kind.POPULATE.value)
+    return int(pc.sum(table.column("size").filter(mask)).as_py() or 0)
 
 
 def _memslot_rows(table: pa.Table, offset: int) -> list[tuple[int, dict]]:

@@ -1,7 +1,8 @@
-"""Read and write traces (SPEC.md section 2) in Parquet, Arrow IPC, JSON Lines and CSV.
+"""Read and write traces (docs/format.md) in Parquet, Arrow IPC, JSON Lines and CSV.
 
-Every reader returns a table on exactly SCHEMA (see cast.py), validated (see validate.py); every
-writer is atomic (a temporary file in the same directory, then os.replace).
+Every reader returns a table on exactly SCHEMA (see cast.py), validated (see validate.py), and
+the file's metadata (see meta.py); every writer is atomic (a temporary file in the same
+directory, then os.replace) and stores the metadata in its format's place.
 """
 
 from __future__ import annotations
@@ -23,22 +24,15 @@ import pyarrow.parquet as pq
 
 from upmtrace.atomic import write_atomic
 from upmtrace.errors import TraceError, UsageError
+from upmtrace.trace import meta
 from upmtrace.trace.cast import Rows, accepts, conform, value_message
-from upmtrace.trace.schema import (
-    COLUMNS,
-    FORMAT_VERSION,
-    META_FORMAT,
-    META_PLATFORM,
-    META_RECORDED,
-    META_SOURCE,
-    SCHEMA,
-    Platform,
-)
+from upmtrace.trace.schema import COLUMNS, SCHEMA, Platform
 from upmtrace.trace.validate import Carry, validate
 
 ARROW_ERRORS = (pa.ArrowException, OSError, ValueError)
 _JSONL_BATCH = 1 << 20
 _BLANK = np.array([ord(c) for c in " \t\r\n"], dtype=np.uint8)
+_HEADER_LIMIT = 1 << 20  # a metadata line is short; a longer first line is read as data
 
 
 STREAM_ROWS = 1_000_000  # Parquet traces longer than this are read batch by batch
@@ -131,10 +125,10 @@ def read_trace(path: str | os.PathLike, *, platform: str | None = None) -> Trace
         except (pa.ArrowException, UnicodeError) as err:  # pyarrow read it but cannot handle it
             raise TraceError(f"cannot read ({_one_line(err)})", path=path) from err
         metadata, events = loaded.metadata, table.num_rows
-    meta = _parse_metadata(metadata or {}, path)
-    chosen = _platform(platform) if platform is not None else meta["platform"]
-    return Trace(path=path, platform=chosen, source=meta["source"], recorded=meta["recorded"],
-                 sha256=digest, events=events, loaded=table)
+    found = meta.parse(metadata or {}, path)
+    chosen = _platform(platform) if platform is not None else found["platform"]
+    return Trace(path=path, platform=chosen, source=found["source"],
+                 recorded=found["recorded"], sha256=digest, events=events, loaded=table)
 
 
 def _open_parquet_streamed(path: str) -> pq.ParquetFile | None:
@@ -210,14 +204,34 @@ def _read_arrow(path: str) -> Loaded:
 
 
 def _read_csv(path: str) -> Loaded:
+    """The table after the leading `#` comment lines, which hold the metadata."""
     as_text = {name: pa.string() for name in COLUMNS}
     options = pa_csv.ConvertOptions(column_types=as_text, strings_can_be_null=True,
                                     null_values=[""], quoted_strings_can_be_null=True)
+    comments, offset = _csv_comments(path)
     try:
-        table = pa_csv.read_csv(path, convert_options=options)
+        with pa.memory_map(path) as source:
+            source.seek(offset)
+            table = pa_csv.read_csv(pa.BufferReader(source.read_buffer()),
+                                    convert_options=options)
     except ARROW_ERRORS as err:
         raise TraceError(f"not a readable CSV file ({_one_line(err)})", path=path) from None
-    return Loaded(table, None, Rows(), text=True)
+    return Loaded(table, meta.from_csv_comments(comments), Rows(), text=True)
+
+
+def _csv_comments(path: str) -> tuple[list[str], int]:
+    """The leading comment lines of a CSV file (decoded) and the byte offset after them."""
+    comments, offset = [], 0
+    with open(path, "rb") as f:
+        while (line := f.readline(_HEADER_LIMIT)).startswith(meta.CSV_COMMENT.encode()):
+            if not line.endswith(b"\n") and len(line) == _HEADER_LIMIT:
+                raise TraceError("a comment line longer than 1 MiB", path=path)
+            try:
+                comments.append(line.decode().rstrip("\r\n"))
+            except UnicodeDecodeError:
+                raise TraceError("a comment line is not valid UTF-8", path=path) from None
+            offset += len(line)
+    return comments, offset
 
 
 def _read_jsonl(path: str) -> Loaded:
@@ -226,22 +240,49 @@ def _read_jsonl(path: str) -> Loaded:
     pyarrow would crash on a line holding a bare `null`, count two rows for `{...} {...}` on one
     line, and turn integers beyond int64 into rounded floats: such files go the exact way.
     """
+    header, offset = _jsonl_header(path)
+    metadata = None if header is None else meta.from_jsonl(header[1], path, header[0])
     numbers = _jsonl_object_lines(path)
     if numbers is None:
-        return _read_jsonl_slowly(path)
+        return _read_jsonl_slowly(path, metadata, header is not None)
+    if header is not None:
+        numbers = numbers[1:]
+        if len(numbers) == 0:  # a header and no event
+            return Loaded(SCHEMA.empty_table(), metadata, Rows())
     options = pa_json.ParseOptions(unexpected_field_behavior="infer")
     try:
-        table = pa_json.read_json(path, parse_options=options)
+        with pa.memory_map(path) as source:
+            source.seek(offset)
+            table = pa_json.read_json(pa.BufferReader(source.read_buffer()),
+                                      parse_options=options)
     except ARROW_ERRORS:
-        return _read_jsonl_slowly(path)
+        return _read_jsonl_slowly(path, metadata, header is not None)
     try:
         exact = table.num_rows == len(numbers) and not _rounded(table)
     except UnicodeError:  # a key that is not UTF-8: the line-by-line reader names its line
         exact = False
     if not exact:
-        return _read_jsonl_slowly(path)
+        return _read_jsonl_slowly(path, metadata, header is not None)
     plain = len(numbers) == 0 or numbers[-1] == len(numbers)  # no blank line
-    return Loaded(table, None, Rows(None if plain else numbers))
+    return Loaded(table, metadata, Rows(None if plain else numbers))
+
+
+def _jsonl_header(path: str) -> tuple[tuple[int, dict] | None, int]:
+    """((line number, record), byte offset after it) of a metadata first line, else (None, 0).
+
+    Only the first non-blank line can hold the metadata."""
+    offset = 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(iter(lambda: f.readline(_HEADER_LIMIT), b""), start=1):
+            offset += len(line)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                return None, 0  # the data readers report it
+            return ((number, record), offset) if meta.is_jsonl_header(record) else (None, 0)
+    return None, 0
 
 
 def _jsonl_object_lines(path: str) -> np.ndarray | None:
@@ -274,8 +315,10 @@ def _rounded(table: pa.Table) -> bool:
                for name in integer & set(table.column_names))
 
 
-def _read_jsonl_slowly(path: str) -> Loaded:
-    """Line by line with json: exact integers, and the offending line of a broken file."""
+def _read_jsonl_slowly(path: str, metadata: dict[bytes, bytes] | None = None,
+                       header: bool = False) -> Loaded:
+    """Line by line with json: exact integers, and the offending line of a broken file;
+    `header`: the first record is the metadata line (already read), not an event."""
     records, numbers = [], []
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
@@ -294,6 +337,8 @@ def _read_jsonl_slowly(path: str) -> Loaded:
                 raise TraceError("not a JSON object", path=path, row=number)
             records.append(record)
             numbers.append(number)
+    if header:
+        records, numbers = records[1:], numbers[1:]
     rows = Rows(np.asarray(numbers, dtype=np.int64))
     columns = _record_columns(records, path, rows)
     try:
@@ -301,7 +346,7 @@ def _read_jsonl_slowly(path: str) -> Loaded:
                           for name, values in columns.items()}) if records else pa.table({})
     except ARROW_ERRORS as err:
         raise TraceError(f"cannot read ({_one_line(err)})", path=path) from None
-    return Loaded(table, None, rows)
+    return Loaded(table, metadata, rows)
 
 
 def _record_columns(records: list[dict], path: str, rows: Rows) -> dict[str, list]:
@@ -345,46 +390,6 @@ def _json_problem(name: str, value: object, target: pa.DataType) -> str | None:
     return None
 
 
-def _parse_metadata(raw: dict[bytes, bytes], path: str) -> dict:
-    meta = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in raw.items()}
-    version = meta.get(META_FORMAT, FORMAT_VERSION)
-    if version != FORMAT_VERSION:
-        raise TraceError(f"{META_FORMAT} is {version!r}; this upmtrace reads format "
-                         f"{FORMAT_VERSION!r}", path=path)
-    platform = meta.get(META_PLATFORM, Platform.SNP.value)
-    if platform not in set(Platform):
-        raise TraceError(f"{META_PLATFORM} is {platform!r} (expected one of "
-                         f"{', '.join(Platform)})", path=path)
-    return {"platform": Platform(platform), "source": meta.get(META_SOURCE),
-            "recorded": _recorded(meta.get(META_RECORDED), path)}
-
-
-def _recorded(text: str | None, path: str) -> dict | None:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):  # not JSON, a 5000-digit number, deep nesting
-        value = None
-    if not isinstance(value, dict):
-        raise TraceError(f"{META_RECORDED} is not a JSON object", path=path)
-    if (bad := _not_a_count(value)) is not None:
-        raise TraceError(f"{META_RECORDED}: {bad[0]} is {_one_line(json.dumps(bad[1]))}, "
-                         "not a count (an integer >= 0) or an object of counts", path=path)
-    return value
-
-
-def _not_a_count(tree: dict, prefix: str = "") -> tuple[str, object] | None:
-    """The first (dotted key, value) of the recorded tree whose leaf is not a count."""
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            if (bad := _not_a_count(value, f"{prefix}{key}.")) is not None:
-                return bad
-        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            return f"{prefix}{key}", value
-    return None
-
-
 # --- writing --------------------------------------------------------------------------------
 
 
@@ -394,11 +399,7 @@ def write_trace(table: pa.Table, path: str | os.PathLike, *, platform: str = "sn
     path = str(path)
     writer = WRITERS[_format_of(path)]
     table = conform(table)
-    metadata = {META_FORMAT: FORMAT_VERSION, META_PLATFORM: _platform(platform).value}
-    if source is not None:
-        metadata[META_SOURCE] = source
-    if recorded is not None:
-        metadata[META_RECORDED] = json.dumps(recorded, sort_keys=True)
+    metadata = meta.build(table, _platform(platform), source, recorded)
     write_atomic(path, lambda f: writer(table, f, metadata))
 
 
@@ -414,10 +415,12 @@ def _write_arrow(table: pa.Table, f, metadata: dict[str, str]) -> None:
 
 def _write_csv(table: pa.Table, f, metadata: dict[str, str]) -> None:
     plain = pa.table({name: _undictionary(table.column(name)) for name in COLUMNS})
+    f.write(meta.csv_comments(metadata))
     pa_csv.write_csv(plain, f, pa_csv.WriteOptions(quoting_style="needed"))
 
 
 def _write_jsonl(table: pa.Table, f, metadata: dict[str, str]) -> None:
+    f.write(meta.jsonl_header(metadata))
     for start in range(0, table.num_rows, _JSONL_BATCH):
         lines = _jsonl_lines(table.slice(start, _JSONL_BATCH))
         buffers = lines.buffers()

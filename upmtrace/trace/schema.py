@@ -1,4 +1,4 @@
-"""Trace format version 1 (SPEC.md section 2): the one declared Arrow schema and its constants."""
+"""Trace formats 1 and 1.1 (docs/format.md): the one declared Arrow schema and its constants."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from enum import StrEnum
 
 import pyarrow as pa
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "1"  # written when a trace holds nothing of 1.1, so older readers keep reading it
+FORMAT_1_1 = "1.1"  # adds the `populate` kind and the `latency` column
+READABLE_FORMATS = (FORMAT_VERSION, FORMAT_1_1)  # a 1 file is a valid 1.1 file
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT  # 4 KiB guest frame
@@ -55,6 +57,7 @@ SCHEMA = pa.schema(
         pa.field("req", pa.int64()),
         pa.field("op", pa.dictionary(pa.int8(), pa.string())),
         pa.field("agent", pa.dictionary(pa.int8(), pa.string())),
+        pa.field("latency", pa.int64()),  # format 1.1: recorded exit-to-entry ns, optional
     ]
 )
 

@@ -1,7 +1,9 @@
-"""SPEC.md section 2 validation of a SCHEMA table, vectorised; the earliest bad row is reported.
+"""Validation (docs/format.md) of a SCHEMA table, vectorised; the earliest bad row is reported.
 
 Each rule looks at the whole table and returns its first offending index with a message; the
-earliest index wins, and on one row the rule listed first wins.
+earliest index wins, and on one row the rule listed first wins. Rules see `kind` and `op` as
+codes in the canonical order (cast.FIXED_DICTIONARY), whatever order the table's dictionary
+has: a file written by another tool may order its dictionary differently.
 """
 
 from __future__ import annotations
@@ -44,9 +46,12 @@ class Columns:
         self.op = self.codes("op")
 
     def codes(self, name: str) -> np.ndarray:
-        """Dictionary indices, -1 for null."""
-        indices = self.table.column(name).combine_chunks().indices
-        return np.asarray(indices.fill_null(-1), dtype=np.int8)
+        """Canonical codes (FIXED_DICTIONARY order, then other values), -1 for null."""
+        column = self.table.column(name)
+        if column.num_chunks == 0:
+            return np.zeros(0, dtype=np.int16)
+        parts = [_canonical(chunk, FIXED_DICTIONARY[name]) for chunk in column.chunks]
+        return np.concatenate(parts)
 
     def values(self, name: str) -> np.ndarray:
         if name not in self._values:
@@ -62,12 +67,22 @@ class Columns:
 
     def of_kinds(self, kinds) -> np.ndarray:
         """Rows whose kind is one of `kinds` (a lookup table indexed by the int8 code)."""
-        lookup = np.zeros(256, dtype=bool)
+        lookup = np.zeros(len(KINDS) + 1, dtype=bool)
         lookup[[CODE[k] for k in kinds]] = True
-        return lookup[self.kind.view(np.uint8)]
+        return lookup[np.clip(self.kind, -1, len(KINDS))]  # -1 (null) and unknown: last
 
     def label(self, name: str, index: int) -> str:
         return str(self.table.column(name)[index].as_py())
+
+
+def _canonical(chunk: pa.DictionaryArray, fixed: tuple[str, ...]) -> np.ndarray:
+    """A dictionary chunk's indices as codes: position in `fixed`, else len(fixed) + position
+    among the other values of its dictionary; -1 for null."""
+    words = chunk.dictionary.to_pylist()
+    extra = [w for w in words if w not in fixed]
+    lookup = np.array([fixed.index(w) if w in fixed else len(fixed) + extra.index(w)
+                       for w in words] + [-1], dtype=np.int16)
+    return lookup[np.asarray(chunk.indices.fill_null(len(words)), dtype=np.int64)]
 
 
 Rule = Callable[[Columns], Problem | None]
@@ -83,7 +98,7 @@ class Carry:
 
 def validate(table: pa.Table, *, path: str | None = None, rows: Rows | None = None,
              carry: Carry | None = None) -> None:
-    """Raise TraceError for the earliest row of a SCHEMA table that breaks SPEC.md section 2.
+    """Raise TraceError for the earliest row of a SCHEMA table that breaks docs/format.md.
 
     A trace read in batches passes the same `carry` with each batch, in order.
     """
@@ -154,6 +169,14 @@ def _positive_size(cols: Columns) -> Problem | None:
     return None if i is None else Problem(i, "size", "size must be greater than 0")
 
 
+def _latency(cols: Columns) -> Problem | None:
+    i = _first(~cols.null("latency") & (cols.values("latency") < 0))
+    if i is None:
+        return None
+    return Problem(i, "latency", f"latency {cols.values('latency')[i]} is negative "
+                                 "(nanoseconds from an exit to the next entry)")
+
+
 def _aligned(cols: Columns) -> Problem | None:
     kinds = cols.of_kinds(ALIGNED_KINDS)
     gpa, size = cols.values("gpa"), cols.values("size")
@@ -220,5 +243,5 @@ def _memslot_overlap(cols: Columns) -> Problem | None:
 
 RULES: tuple[Rule, ...] = (
     _never_null, _known_kind, _required, _known_op, _vcpu, _positive_size, _aligned, _gpa_limit,
-    _ts_order, _memslot_overlap,
+    _latency, _ts_order, _memslot_overlap,
 )

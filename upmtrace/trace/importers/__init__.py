@@ -56,6 +56,7 @@ class ImportSummary:
     skipped: dict[str, int]  # lines skipped, by reason
     recorded: dict
     notes: tuple[str, ...]
+    latencies: int = 0  # rows written with a latency
 
     @property
     def total_events(self) -> int:
@@ -151,12 +152,13 @@ def _finish(out: str, body: str, ctx: Context, files: list[LogFile],
     notes = header_notes + _notes(ctx, files, parsers)
     recorded = tally.recorded_tree()
     source = _source(files, header_notes)
-    write_output(out, rows, body, metadata(ctx.options.platform.value, source, recorded))
+    write_output(out, rows, body, metadata(ctx, source, recorded))
     events = Counter(sink.kinds)
     events.update(row[1] for row in rows)
     return ImportSummary(out, tuple((f.path, f.fmt or "unknown") for f in files),
                          ctx.options.platform, tally.lines, dict(events),
-                         dict(tally.skipped.most_common()), recorded, tuple(notes))
+                         dict(tally.skipped.most_common()), recorded, tuple(notes),
+                         sink.latencies)
 
 
 def _nothing_usable(tally: Tally) -> str:

@@ -31,6 +31,7 @@ from upmtrace.trace.schema import (
 )
 
 CHUNK = 65_536  # rows per record batch
+HOLD_LIMIT = 4 * CHUNK  # rows a row waiting for its latency may hold back
 NS_PER_S = 1_000_000_000
 HOST = -1  # vcpu of VMM events
 INT32_MAX = (1 << 31) - 1  # vcpu and slot columns
@@ -141,11 +142,12 @@ class Clock:
 
 @dataclass
 class Tally:
-    """Lines read, lines skipped by reason, recorded counts (dotted SPEC section 6 keys)."""
+    """Lines read, lines skipped by reason, recorded counts (dotted report keys, docs/report.md)."""
 
     skipped: Counter[str] = field(default_factory=Counter)
     recorded: Counter[str] = field(default_factory=Counter)
     lines: int = 0
+    trees: dict = field(default_factory=dict)  # recorded objects beside the counts (latency)
 
     def recorded_tree(self) -> dict:
         """{"exits": {"userspace": {...}, "userspace_total": n, ...}, ...}, keys sorted."""
@@ -160,6 +162,7 @@ class Tally:
         for group in ("userspace", "vm"):
             if group in exits:
                 exits[f"{group}_total"] = sum(exits[group].values())
+        tree.update({key: value for key, value in self.trees.items() if value})
         return tree
 
 
@@ -171,11 +174,17 @@ KIND_CODE = {k.value: i for i, k in enumerate(Kind)}
 OP_CODE = {o.value: i for i, o in enumerate(PscOp)}
 _PLAIN = {"ts": pa.int64(), "vcpu": pa.int32(), "gpa": pa.uint64(), "size": pa.uint64(),
           "private": pa.bool_(), "write": pa.bool_(), "slot": pa.int32(), "gmem": pa.bool_(),
-          "req": pa.int64()}
+          "req": pa.int64(), "latency": pa.int64()}
 
-# A row: (ts, kind, vcpu, gpa, size, private, write, slot, gmem, req, op) -- SCHEMA's order,
-# agent (always null for imported rows) left out.
+# A row: (ts, kind, vcpu, gpa, size, private, write, slot, gmem, req, op[, latency]) --
+# SCHEMA's order, agent (always null for imported rows) left out; latency (format 1.1: the
+# recorded ns from the event's exit to the next entry of its vCPU, >= 0) may be left out too:
+# the sink appends it.
 Row = tuple
+ROW_WIDTH = 11  # a row without latency
+_ROW_NAMES = tuple(n for n in SCHEMA.names if n != "agent")
+LATENCY = _ROW_NAMES.index("latency")
+PENDING = object()  # the latency of a row whose exit has not re-entered the guest yet
 
 
 def memslot_row(ts: int, slot: int, gpa: int, size: int, gmem: bool) -> Row:
@@ -186,34 +195,50 @@ def attributes_row(ts: int, gpa: int, size: int, private: bool) -> Row:
     return (ts, "set_attributes", HOST, gpa, size, private, None, None, None, None, None)
 
 
+def populate_row(ts: int, gpa: int, size: int) -> Row:
+    return (ts, "populate", HOST, gpa, size, None, None, None, None, None, None)
+
+
 def to_batch(rows: list[Row]) -> pa.RecordBatch:
     """Rows as one record batch on exactly SCHEMA (canonical dictionaries)."""
-    columns = list(zip(*rows, strict=True))
+    if any(len(row) > ROW_WIDTH for row in rows):
+        rows = [row if len(row) > ROW_WIDTH else (*row, None) for row in rows]
+        columns = dict(zip(_ROW_NAMES, zip(*rows, strict=True), strict=True))
+    else:
+        columns = dict(zip(_ROW_NAMES, zip(*rows, strict=True), strict=False))
     arrays = []
-    for index, name in enumerate(SCHEMA.names):
+    for name in SCHEMA.names:
         if name == "kind":
-            codes = pa.array([KIND_CODE[v] for v in columns[index]], pa.int8())
+            codes = pa.array([KIND_CODE[v] for v in columns[name]], pa.int8())
             arrays.append(pa.DictionaryArray.from_arrays(codes, KIND_DICT))
         elif name == "op":
-            codes = pa.array([OP_CODE.get(v) for v in columns[index]], pa.int8())
+            codes = pa.array([OP_CODE.get(v) for v in columns[name]], pa.int8())
             arrays.append(pa.DictionaryArray.from_arrays(codes, OP_DICT))
-        elif name == "agent":
-            arrays.append(pa.nulls(len(rows), SCHEMA.field("agent").type))
-        else:
-            arrays.append(pa.array(columns[index], _PLAIN[name]))
+        elif name in columns:
+            arrays.append(pa.array(columns[name], _PLAIN[name]))
+        else:  # agent, and latency when no row has one
+            arrays.append(pa.nulls(len(rows), SCHEMA.field(name).type))
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
 
 
 class RowSink:
-    """Buffers rows and streams them, CHUNK at a time, to a zstd Arrow IPC body file."""
+    """Buffers rows and streams them, CHUNK at a time, to a zstd Arrow IPC body file.
+
+    A row may wait for its latency (`wait`, then `resolve` when its exit re-enters the guest):
+    the buffer is written up to the first waiting row, so rows keep their order; if a waiting
+    row holds back HOLD_LIMIT rows, it is written without a latency (`released` counts them).
+    """
 
     def __init__(self, path: str, out: str) -> None:
         self.path = path
-        self.rows: list[Row] = []
+        self.rows: list[list] = []
         self.kinds: Counter[str] = Counter()
         self.written = 0
+        self.latencies = 0  # rows written with a latency (they make the trace format 1.1)
+        self.released = 0
         self.lo: int | None = None  # lowest GPA touched
         self.hi = 0  # end of the highest GPA range touched
+        self._next_flush = CHUNK
         try:
             self._file = open(path, "wb")  # closed by close()
         except OSError as err:
@@ -225,24 +250,51 @@ class RowSink:
     def count(self) -> int:
         return self.written + len(self.rows)
 
-    def add(self, row: Row) -> None:
-        self.rows.append(row)
+    def add(self, row: Row, wait: bool = False) -> list:
+        """Buffer a row (waiting for its latency if `wait`); returns it as the list that
+        `resolve` takes."""
+        stored = [*row, PENDING if wait else None] if len(row) == LATENCY else list(row)
+        self.rows.append(stored)
         self.kinds[row[1]] += 1
         if row[1] != "memslot":
             self.touch(row[3], row[4] or PAGE_SIZE)
-        if len(self.rows) >= CHUNK:
-            self.flush()
+        if len(self.rows) >= self._next_flush:
+            self.flush(partial=True)
+        return stored
+
+    @staticmethod
+    def resolve(row: list, latency: int | None) -> bool:
+        """Give a waiting row its latency; False if it was already written without one."""
+        if row[LATENCY] is not PENDING:
+            return False
+        row[LATENCY] = latency
+        return True
 
     def touch(self, gpa: int, size: int) -> None:
         if self.lo is None or gpa < self.lo:
             self.lo = gpa
         self.hi = max(self.hi, min(gpa + size, GPA_LIMIT))
 
-    def flush(self) -> None:
-        if self.rows:
-            self._writer.write_batch(to_batch(self.rows))
-            self.written += len(self.rows)
-            self.rows = []
+    def flush(self, partial: bool = False) -> None:
+        rows = self.rows
+        end = len(rows)
+        if partial:
+            end = next((i for i, row in enumerate(rows) if row[LATENCY] is PENDING), end)
+            if end < CHUNK and len(rows) < HOLD_LIMIT:
+                self._next_flush = len(rows) + CHUNK // 4
+                return
+            if end < CHUNK:
+                end = len(rows) - CHUNK  # held back too long: written without latencies
+        for row in rows[:end]:
+            if row[LATENCY] is PENDING:
+                row[LATENCY] = None
+                self.released += 1
+        self.latencies += sum(row[LATENCY] is not None for row in rows[:end])
+        if end:
+            self._writer.write_batch(to_batch(rows[:end]))
+            self.written += end
+            self.rows = rows[end:]
+        self._next_flush = len(self.rows) + CHUNK
 
     def close(self) -> None:
         try:

@@ -1,4 +1,4 @@
-"""KVM tracepoints in ftrace text, `trace-cmd report` and `perf script` output (DOMAIN.md).
+"""KVM tracepoints in ftrace text, `trace-cmd report` and `perf script` output.
 
 Guest demands become rows: kvm_page_fault -> npf, an MSR-protocol PSC request -> psc (req -1),
 kvm_hypercall KVM_HC_MAP_GPA_RANGE -> map_gpa, kvm_vm_set_mem_attributes before any vCPU ran ->
@@ -23,13 +23,14 @@ from upmtrace.trace.importers.common import (
     not_imported,
     ns_of,
 )
+from upmtrace.trace.importers.pairing import Pairing
 from upmtrace.trace.schema import GPA_LIMIT, MSR_REQ, PAGE_SHIFT, PAGE_SIZE, Platform
 
 # comm-tid [cpu] flags secs.usecs: event: payload       (ftrace; trace-cmd may omit the flags)
 # comm tid [cpu] secs.usecs: kvm:event: payload          (perf script; pid/tid and a period too)
 # Thread names may hold spaces, slashes and dashes: the tid is the last number before [cpu].
 PREFIX = re.compile(
-    r"\s*(?P<comm>.*?)[-\s](?P<tid>\d+)(?:/\d+)?\s+(?:\(\s*[-\d]+\)\s+)?\[(?P<cpu>\d+)\]"
+    r"\s*(?P<comm>.*?)[-\s](?P<tid>\d+)(?:/(?P<thread>\d+))?\s+(?:\(\s*[-\d]+\)\s+)?\[(?P<cpu>\d+)\]"
     r"(?:\s+\S+)??\s+(?P<secs>\d+)\.(?P<frac>\d+):\s+(?:\d+\s+)?(?:\w+:)?(?P<event>\w+):"
     r"\s*(?P<payload>.*)")
 HEADER = re.compile(r"\s*(?:#|version = |cpus=|CPU \d+ is empty|trace-cmd: )")
@@ -37,7 +38,8 @@ VCPU_THREAD = re.compile(r"CPU (\d+)/KVM")
 
 PAGE_FAULT = re.compile(r"(?:vcpu (\d+) rip 0x[0-9a-f]+ )?address (?:0x)?([0-9a-f]+) "
                         r"error_code (?:0x)?([0-9a-f]+)")
-EXIT = re.compile(r"(?:vcpu \d+ )?reason (\S+)")
+EXIT = re.compile(r"(?:vcpu (\d+) )?reason (\S+)")
+ENTRY = re.compile(r"vcpu (\d+)")
 USERSPACE_EXIT = re.compile(r"reason (\S+) \((-?\d+)\)")
 HYPERCALL = re.compile(r"nr 0x([0-9a-f]+) a0 0x([0-9a-f]+) a1 0x([0-9a-f]+) a2 0x([0-9a-f]+)")
 MSR_PROTOCOL = re.compile(r"vcpu (\d+), ghcb_gpa (?:0x)?([0-9a-f]+)")
@@ -57,9 +59,10 @@ MSR_PSC_OPS = {1: "private", 2: "shared", 3: "psmash", 4: "unsmash"}
 SVM_EXIT_PSC = 0x80000010
 EFAULT = 14
 
-# kvm_exit reasons (SVM lower case, VMX upper case) -> SPEC section 6 exits.vm keys
-VM_EXITS = {"npf": "npf", "ept_violation": "npf", "vmgexit": "vmgexit", "vmmcall": "vmcall",
-            "vmcall": "vmcall", "tdcall": "tdvmcall"}
+# kvm_exit reasons (SVM lower case, VMX upper case) -> report exits.vm keys
+# (SVM prints VMMCALL as `hypercall`, INTR as `interrupt`: SVM_EXIT_REASONS)
+VM_EXITS = {"npf": "npf", "ept_violation": "npf", "vmgexit": "vmgexit", "hypercall": "vmcall",
+            "vmmcall": "vmcall", "vmcall": "vmcall", "tdcall": "tdvmcall"}
 MODELLED_USERSPACE = ("KVM_EXIT_HYPERCALL", "KVM_EXIT_MEMORY_FAULT")
 USERSPACE_BY_NUMBER = {3: "KVM_EXIT_HYPERCALL", 39: "KVM_EXIT_MEMORY_FAULT", 40: "KVM_EXIT_TDX"}
 # events that run in a vCPU's context: the first one ends the VMM's set-up phase
@@ -87,9 +90,12 @@ class KernelParser:
         self.thread_vcpu: dict[str, int] = {}
         self.markers: dict[str, int] = {"snp": 0, "tdx": 0}
         self.ghcb_psc = 0
+        self.tid = ""  # the thread of the line being handled
+        self.pairing = Pairing(ctx.sink, ctx.tally.recorded)
         self.handlers: dict[str, Callable[[int, re.Match], str | None]] = {
             "kvm_page_fault": self.page_fault,
             "kvm_exit": self.exit,
+            "kvm_entry": self.entry,
             "kvm_userspace_exit": self.userspace_exit,
             "kvm_hypercall": self.hypercall,
             "kvm_vmgexit_msr_protocol_enter": self.msr_protocol,
@@ -109,13 +115,20 @@ class KernelParser:
             return not_imported(event)
         if event != "kvm_vm_set_mem_attributes":
             self.vcpu_started = True
+        self.tid = m["thread"] or m["tid"]
         return handler(self.ctx.clock.at(ns_of(m["secs"], m["frac"])), m)
 
     def end_file(self) -> None:
-        pass
+        """Each file is one recording: exits still open at its end are unmatched."""
+        self.pairing.end()
+        self.ctx.tally.trees["latency"] = self.pairing.tree()
 
     def emit(self, row: Row) -> None:
-        self.sink.add(row)
+        """Write a row; the exit its vCPU thread is in, if any, gives it its latency."""
+        claimed = self.pairing.claims(self.tid)
+        stored = self.sink.add(row, wait=claimed)
+        if claimed:
+            self.pairing.row(self.tid, stored)
 
     def vcpu_of(self, m: re.Match, field: str | None) -> int | None:
         """The vCPU from the payload, else from a `CPU n/KVM` thread name, else 0; None if it
@@ -180,7 +193,9 @@ class KernelParser:
         size = pages << PAGE_SHIFT
         if gpa % PAGE_SIZE or pages == 0 or gpa + size > GPA_LIMIT:
             return "KVM_HC_MAP_GPA_RANGE that KVM refuses (misaligned, empty or too large)"
-        vcpu = self.vcpu_of(m, None)
+        vcpu = self.pairing.vcpu(self.tid)
+        if vcpu is None:
+            vcpu = self.vcpu_of(m, None)
         if vcpu is None:
             return malformed("kvm_hypercall")
         self.emit((ts, "map_gpa", vcpu, gpa, size,
@@ -208,13 +223,25 @@ class KernelParser:
         p = EXIT.match(m["payload"])
         if p is None:
             return malformed("kvm_exit")
-        reason = p[1]
+        reason = p[2]
         key = VM_EXITS.get(reason.lower())
         if key == "vmgexit":
             self.markers["snp"] += 1
         elif key == "tdvmcall":
             self.markers["tdx"] += 1
-        self.recorded[f"exits.vm.{key}" if key else f"exits.vm_other.{reason}"] += 1
+        group, name = ("vm", key) if key else ("vm_other", reason)
+        self.recorded[f"exits.{group}.{name}"] += 1
+        vcpu = self.vcpu_of(m, p[1])
+        if vcpu is not None:
+            self.pairing.exit(self.tid, ts, vcpu, (group, name))
+        return None
+
+    def entry(self, ts: int, m: re.Match) -> str | None:
+        p = ENTRY.match(m["payload"])
+        vcpu = self.vcpu_of(m, p[1] if p else None)
+        if vcpu is None:
+            return malformed("kvm_entry")
+        self.pairing.entry(self.tid, ts, vcpu)
         return None
 
     def userspace_exit(self, ts: int, m: re.Match) -> str | None:
@@ -228,6 +255,9 @@ class KernelParser:
             name = USERSPACE_BY_NUMBER.get(number, name)
         group = "userspace" if name in MODELLED_USERSPACE else "userspace_other"
         self.recorded[f"exits.{group}.{name}"] += 1
+        vcpu = self.vcpu_of(m, None)
+        if vcpu is not None:
+            self.pairing.userspace(self.tid, ts, vcpu, (group, name))
         return None
 
     def vmgexit(self, ts: int, m: re.Match) -> str | None:
@@ -243,6 +273,10 @@ class KernelParser:
 
     def notes(self) -> list[str]:
         notes = []
+        lost = self.pairing.released
+        if lost:
+            notes.append(f"{lost:,} exits kept no latency: their event was written before their "
+                         "kvm_entry came (another vCPU produced too many events meanwhile)")
         if self.ghcb_psc:
             notes.append(f"GHCB Page State Change requests (VMGEXIT 0x80000010): {self.ghcb_psc:,} "
                          "counted as recorded, not imported: their entries "

@@ -1,10 +1,17 @@
-"""QEMU `-trace` logs (log backend), with no prefix, `tid@secs.usecs:` or an ISO-8601 time.
+"""QEMU `-trace` logs (log backend), with no prefix, `tid@secs.usecs:` or an ISO-8601 time,
+after any leading blanks.
 
 kvm_set_user_memory -> memslot (plus the set_attributes private row QEMU issues for every
 guest_memfd slot it creates); kvm_memory_fault -> npf; kvm_hc_map_gpa_range -> psc on SNP (one
 request per line: KVM issues one exit per run of a GHCB request) or map_gpa on TDX and sw. Every
 kvm_memory_fault and kvm_hc_map_gpa_range line is also a recorded userspace exit, every
 kvm_convert_memory line a recorded KVM_SET_MEMORY_ATTRIBUTES call.
+
+Launch-time population: kvm_sev_snp_launch_update (`src` or, in older AMD trees, `addr`) ->
+set_attributes private + populate (QEMU's sev_snp_launch_update sets the range private itself
+before each KVM_SEV_SNP_LAUNCH_UPDATE, which requires it); kvm_tdx_init_mem_region -> populate
+(QEMU relies on the slot having been marked private at creation). Every page type (Normal, Zero,
+Secrets, Cpuid, ...) goes through kvm_gmem_populate alike.
 """
 
 from __future__ import annotations
@@ -24,11 +31,12 @@ from upmtrace.trace.importers.common import (
     memslot_row,
     not_imported,
     ns_of,
+    populate_row,
 )
-from upmtrace.trace.schema import BLOCK_SIZE, GPA_LIMIT, PAGE_SIZE, Platform
+from upmtrace.trace.schema import BLOCK_SIZE, GPA_LIMIT, PAGE_SHIFT, PAGE_SIZE, Platform
 
 LINE = re.compile(
-    r"(?:(?P<y>\d{4})-(?P<mo>\d\d)-(?P<d>\d\d)T(?P<h>\d\d):(?P<mi>\d\d):(?P<s>\d\d)"
+    r"\s*(?:(?P<y>\d{4})-(?P<mo>\d\d)-(?P<d>\d\d)T(?P<h>\d\d):(?P<mi>\d\d):(?P<s>\d\d)"
     r"(?:\.(?P<isofrac>\d+))?(?P<tz>Z|[+-]\d\d:?\d\d)?\s+)?"
     r"(?:(?P<tid>\d+)@(?P<secs>\d+)\.(?P<frac>\d+):\s*)?"
     r"(?P<event>[a-z][a-z0-9]*_[a-z0-9_]*)\s+(?P<payload>.*)")
@@ -40,6 +48,11 @@ SET_USER_MEMORY = re.compile(
 MEMORY_FAULT = re.compile(r"start 0x([0-9a-f]+) size 0x([0-9a-f]+) flags 0x([0-9a-f]+)")
 MAP_GPA_RANGE = re.compile(r"gpa 0x([0-9a-f]+) size 0x([0-9a-f]+) attributes 0x([0-9a-f]+)")
 CONVERT = re.compile(r"start 0x[0-9a-f]+ size 0x[0-9a-f]+")
+SNP_LAUNCH_UPDATE = re.compile(
+    r"(?:src|addr) (?:0x[0-9a-f]+|\(nil\)) gpa 0x([0-9a-f]+) len 0x([0-9a-f]+)")
+TDX_INIT_MEM_REGION = re.compile(
+    r"type=0x[0-9a-f]+ attributes=0x[0-9a-f]+ source=(?:0x[0-9a-f]+|\(nil\)) "
+    r"gfn=0x([0-9a-f]+) nr_pages=0x([0-9a-f]+)")
 
 KVM_MEM_GUEST_MEMFD = 1 << 2
 KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
@@ -47,7 +60,7 @@ MAP_GPA_ENCRYPTED = 1 << 4
 MAP_GPA_PAGE_SIZE_MASK = 0xF
 MAP_GPA_PAGE_SZ_2M = 1
 HANDLED = ("kvm_set_user_memory", "kvm_memory_fault", "kvm_hc_map_gpa_range",
-           "kvm_convert_memory")
+           "kvm_convert_memory", "kvm_sev_snp_launch_update", "kvm_tdx_init_mem_region")
 
 
 def looks_like(text: str) -> bool:
@@ -94,6 +107,8 @@ class QemuParser:
             "kvm_memory_fault": self.memory_fault,
             "kvm_hc_map_gpa_range": self.map_gpa_range,
             "kvm_convert_memory": self.convert_memory,
+            "kvm_sev_snp_launch_update": self.snp_launch_update,
+            "kvm_tdx_init_mem_region": self.tdx_init_mem_region,
         }
 
     def line(self, text: str) -> str | None:
@@ -203,4 +218,38 @@ class QemuParser:
         if CONVERT.match(payload) is None:
             return malformed("kvm_convert_memory")
         self.recorded["conversions.set_attributes_calls"] += 1
+        return None
+
+    def snp_launch_update(self, ts: int, payload: str) -> str | None:
+        p = SNP_LAUNCH_UPDATE.match(payload)
+        if p is None:
+            return malformed("kvm_sev_snp_launch_update")
+        gpa, size = int(p[1], 16), int(p[2], 16)
+        if problem := self.launch_range("kvm_sev_snp_launch_update", gpa, size):
+            return problem
+        self.recorded["conversions.set_attributes_calls"] += 1
+        self.emit(attributes_row(ts, gpa, size, True))
+        self.emit(populate_row(ts, gpa, size))
+        return None
+
+    def tdx_init_mem_region(self, ts: int, payload: str) -> str | None:
+        p = TDX_INIT_MEM_REGION.match(payload)
+        if p is None:
+            return malformed("kvm_tdx_init_mem_region")
+        gfn, pages = int(p[1], 16), int(p[2], 16)
+        if gfn >= GPA_LIMIT >> PAGE_SHIFT or pages >= GPA_LIMIT >> PAGE_SHIFT:
+            return malformed("kvm_tdx_init_mem_region")
+        gpa, size = gfn << PAGE_SHIFT, pages << PAGE_SHIFT
+        if problem := self.launch_range("kvm_tdx_init_mem_region", gpa, size):
+            return problem
+        self.emit(populate_row(ts, gpa, size))
+        return None
+
+    @staticmethod
+    def launch_range(event: str, gpa: int, size: int) -> str | None:
+        """Why a launch-time range cannot be a populate row (KVM refuses such a call)."""
+        if gpa % PAGE_SIZE or size % PAGE_SIZE or gpa + size > GPA_LIMIT:
+            return malformed(event)
+        if size == 0:
+            return f"{event} of no page"
         return None

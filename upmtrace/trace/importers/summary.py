@@ -17,9 +17,10 @@ def render(summary: ImportSummary) -> str:
     skipped = sum(summary.skipped.values())
     lines.append(f"skipped lines: {skipped:,}")
     lines += _column(summary.skipped.items(), counts_first=True)
-    recorded = _flatten(summary.recorded)
+    recorded = _flatten({k: v for k, v in summary.recorded.items() if k != "latency"})
     lines.append("recorded counts:" + ("" if recorded else " none"))
     lines += _column(recorded, counts_first=False)
+    lines += _latency(summary)
     lines += [f"note: {note}" for note in summary.notes]
     return "\n".join(lines) + "\n"
 
@@ -44,3 +45,14 @@ def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, int]]:
         else:
             items.append((name, value))
     return items
+
+
+def _latency(summary: ImportSummary) -> list[str]:
+    """How many exits were paired with their kvm_entry, and where their latencies went."""
+    on_rows = summary.latencies
+    exits = summary.recorded.get("latency", {}).get("exits", {})
+    others = sum(d["count"] for group in exits.values() for d in group.values())
+    if not on_rows and not others:
+        return []
+    return [f"latencies (kvm_exit to the vCPU's next kvm_entry): {on_rows:,} on events, "
+            f"{others:,} exits without an event kept in the recorded metadata"]

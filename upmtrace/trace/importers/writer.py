@@ -19,14 +19,15 @@ from upmtrace.trace.importers.common import (
     to_batch,
 )
 from upmtrace.trace.io import write_trace
+from upmtrace.trace.meta import version_for
 from upmtrace.trace.schema import (
     BLOCK_SIZE,
-    FORMAT_VERSION,
     META_FORMAT,
     META_PLATFORM,
     META_RECORDED,
     META_SOURCE,
     SCHEMA,
+    Kind,
 )
 
 
@@ -55,9 +56,12 @@ def header(ctx: Context) -> tuple[list[Row], list[str]]:
     return rows, [f"the log registers no memslot: added {described}, {why}{marked}"]
 
 
-def metadata(platform: str, source: str, recorded: dict) -> dict[str, str]:
-    return {META_FORMAT: FORMAT_VERSION, META_PLATFORM: platform, META_SOURCE: source,
-            META_RECORDED: json.dumps(recorded, sort_keys=True)}
+def metadata(ctx: Context, source: str, recorded: dict) -> dict[str, str]:
+    """The trace's metadata; the format follows what the body holds (the header rows are
+    memslots and attributes, never 1.1 content)."""
+    version = version_for(ctx.sink.kinds[Kind.POPULATE.value], ctx.sink.latencies)
+    return {META_FORMAT: version, META_PLATFORM: ctx.options.platform.value,
+            META_SOURCE: source, META_RECORDED: json.dumps(recorded, sort_keys=True)}
 
 
 def body_batches(path: str) -> Iterator[pa.RecordBatch]:

@@ -1,4 +1,4 @@
-"""Deterministic synthetic workloads (SPEC.md section 3, `upmtrace synth`).
+"""Deterministic synthetic workloads (`upmtrace synth`).
 
 `synthesize(name, memory=..., vcpus=..., seed=..., platform=...)` returns a `Synth` whose table
 conforms to the trace schema, rows in replay order. The same arguments give the same table, and
@@ -27,6 +27,7 @@ class Workload:
     summary: str  # one line for --help; the generator is workloads.BUILDERS[name]
     platform: str = "snp"  # a Platform value (plain str: schema.py imports pyarrow)
     lazy_boot: bool = False  # only max(256 MiB, memory/16) is accepted at boot
+    launch: bool = False  # the VMM populates firmware (and kernel) before the guest runs
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,14 @@ class Synth:
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in (
-        Workload("snp-boot", "SNP boot: RAM accepted, GHCB/SWIOTLB shared, DMA"),
+        Workload("snp-boot", "SNP boot: launch, RAM accepted, GHCB/SWIOTLB shared, DMA",
+                 launch=True),
         Workload("lazy-accept", "SNP lazy acceptance: PSC + 1024 faults per 4 MiB",
-                 lazy_boot=True),
+                 lazy_boot=True, launch=True),
         Workload("dma-churn", "SNP driver sharing each DMA buffer and taking it back",
                  lazy_boot=True),
-        Workload("tdx-boot", "TDX boot: accept faults, MapGPA-shared SWIOTLB, DMA",
-                 platform="tdx"),
+        Workload("tdx-boot", "TDX boot: TDVF launch, accept faults, MapGPA-shared SWIOTLB, DMA",
+                 platform="tdx", launch=True),
         Workload("implicit", "flips by touching with the other C-bit, no PSC",
                  lazy_boot=True),
     )
@@ -76,7 +78,8 @@ def synthesize(name: str, *, memory: int, vcpus: int = 4, seed: int = 0,
     platform = Platform(platform or workload.platform).value
     rng = np.random.default_rng(seed)
     boot = boot_accepted_bytes(memory) if workload.lazy_boot else memory
-    ctx = Ctx(make_layout(memory, vcpus, boot, rng), rng)
+    launch = workload.platform if workload.launch else None  # the guest's own platform
+    ctx = Ctx(make_layout(memory, vcpus, boot, rng, launch), rng)
     table = BUILDERS[name](ctx).table()
     source = (f"upmtrace synth {name} --memory {format_size(memory)} --vcpus {vcpus} "
               f"--seed {seed} --platform {platform}")

@@ -76,8 +76,16 @@ def set_private(layout: Layout) -> Rows:
 
 def flash_reads(layout: Layout, pages: int = 8) -> Rows:
     """Firmware reading its flash (a slot without guest_memfd): shared faults."""
-    flash = [s for s in layout.slots() if not s.gmem][0]
+    flash = layout.firmware()
     return touches((flash.gpa >> 12) + np.arange(pages), 0, private=False, write=False)
+
+
+def firmware_runs(layout: Layout, pages: int = 8) -> Rows:
+    """SNP: OVMF runs from its launch-updated image, top pages first (the reset vector sits
+    just below 4 GiB): private faults, as populating maps nothing on SNP."""
+    firmware = layout.firmware()
+    end = (firmware.gpa + firmware.size) >> 12
+    return touches(end - 1 - np.arange(pages), 0, private=True, write=False)
 
 
 # --- primitive guest events -----------------------------------------------------------------

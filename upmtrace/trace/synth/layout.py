@@ -18,8 +18,8 @@ GiB = 1 << 30
 
 LOW_RAM_MAX = 2 * GiB  # QEMU splits RAM below 4 GiB at 2 GiB (or 3 GiB) on q35
 HIGH_RAM_BASE = 4 * GiB
-FLASH_GPA = 4 * GiB - 4 * MiB  # firmware flash: a small slot without guest_memfd
-FLASH_SIZE = 4 * MiB
+FIRMWARE_GPA = 4 * GiB - 4 * MiB  # pc.bios, mapped just below 4 GiB (never RAM: see launch.py)
+FIRMWARE_SIZE = 4 * MiB  # an OVMF / TDVF image
 MIN_MEMORY = 256 * MiB
 MAX_MEMORY = 256 * GiB
 MAX_VCPUS = 512
@@ -62,6 +62,9 @@ class Layout:
     percpu: int  # first gfn of the per-vCPU shared pages
     rings: int  # first gfn of the virtio rings (DEVICES * RING_PAGES pages)
     dma_zone: tuple[int, int]  # [first, end) gfns where drivers place DMA buffers
+    launch: str | None = None  # "snp" / "tdx": a confidential launch (launch.py): the
+    # firmware is guest_memfd-backed and populated before the guest runs; None: a flash slot
+    # without guest_memfd, no launch
 
     @property
     def low_pages(self) -> int:
@@ -75,8 +78,11 @@ class Layout:
         out = [Slot(0, 0, self.low_pages << PAGE_SHIFT, True)]
         if self.memory > LOW_RAM_MAX:
             out.append(Slot(1, HIGH_RAM_BASE, self.memory - LOW_RAM_MAX, True))
-        out.append(Slot(2, FLASH_GPA, FLASH_SIZE, False))
+        out.append(Slot(2, FIRMWARE_GPA, FIRMWARE_SIZE, self.launch is not None))
         return out
+
+    def firmware(self) -> Slot:
+        return self.slots()[-1]
 
     def ghcb(self) -> np.ndarray:
         """One GHCB page per vCPU."""
@@ -120,7 +126,8 @@ def validate(memory: int, vcpus: int) -> None:
         raise UsageError(f"--vcpus must be between 1 and {MAX_VCPUS}, not {vcpus}")
 
 
-def make_layout(memory: int, vcpus: int, boot_bytes: int, rng: np.random.Generator) -> Layout:
+def make_layout(memory: int, vcpus: int, boot_bytes: int, rng: np.random.Generator,
+                launch: str | None = None) -> Layout:
     """Shared regions sit at the top of the boot-accepted low RAM, as early memblock
     allocations do: SWIOTLB ends 1..511 pages below that top (so neither end is 2 MiB
     aligned), the per-vCPU pages and the virtio rings lie just below it."""
@@ -133,4 +140,4 @@ def make_layout(memory: int, vcpus: int, boot_bytes: int, rng: np.random.Generat
     rings = percpu - DEVICES * RING_PAGES
     rings -= rings % RING_PAGES
     return Layout(memory, vcpus, boot_pages, swiotlb, swiotlb_pages, percpu, rings,
-                  (DMA_ZONE_START, rings))
+                  (DMA_ZONE_START, rings), launch)

@@ -217,6 +217,7 @@ def to_table(cols: dict[str, np.ndarray]) -> pa.Table:
         "req": _nullable(cols["req"], "req", pa.int64()),
         "op": _dictionary(cols["op"], OPS),
         "agent": _dictionary(cols["agent"], AGENTS),
+        "latency": pa.nulls(len(ts), pa.int64()),  # nothing was recorded
     }
     return pa.Table.from_arrays([arrays[name] for name in SCHEMA.names], schema=SCHEMA)
 

@@ -12,6 +12,7 @@ from upmtrace.trace.synth.events import (
     Ctx,
     accept,
     buffer_cycles,
+    firmware_runs,
     flash_reads,
     ghcb_psc,
     map_gpa,
@@ -20,7 +21,9 @@ from upmtrace.trace.synth.events import (
     rings,
     set_private,
     swiotlb_io,
+    touches,
 )
+from upmtrace.trace.synth.launch import launch, launch_gfns
 from upmtrace.trace.synth.layout import Layout, MiB
 from upmtrace.trace.synth.rows import Phase, Script, merge
 
@@ -33,9 +36,11 @@ def io_count(layout: Layout) -> int:
 
 
 def boot_ram(layout: Layout, *, keep_shared: bool = False) -> np.ndarray:
-    """Sorted gfns of the RAM accepted at boot, without the pages made shared before it unless
-    `keep_shared`."""
+    """Sorted gfns of the RAM accepted at boot, without the pages the launch populated
+    (already accepted) and, unless `keep_shared`, without the pages made shared before it."""
     gfns = layout.ram_gfns(0, layout.boot_pages)
+    if layout.launch is not None:
+        gfns = gfns[~np.isin(gfns, launch_gfns(layout.launch))]
     if keep_shared:
         return gfns
     keep = np.ones(len(gfns), dtype=bool)
@@ -45,12 +50,28 @@ def boot_ram(layout: Layout, *, keep_shared: bool = False) -> np.ndarray:
     return gfns[keep]
 
 
-def snp_setup(ctx: Ctx) -> Script:
-    """QEMU creates the slots and marks them private; the guest shares its per-vCPU pages
-    (MSR protocol), then SWIOTLB (GHCB requests), then accepts the boot RAM: PSC to private in
-    requests of 64 entries, each followed by a private fault per page."""
+def vmm_setup(ctx: Ctx) -> Script:
+    """QEMU creates the slots and marks the guest_memfd ones private; with a launch it then
+    populates the firmware (and on SNP the kernel), and the firmware starts: on SNP it faults
+    its first pages and the kernel's in (populating maps nothing), on TDX nothing faults."""
     lay = ctx.layout
-    script = Script().add(memslots(lay), set_private(lay), flash_reads(lay))
+    script = Script().add(memslots(lay), set_private(lay))
+    if lay.launch is None:
+        return script.add(flash_reads(lay))
+    script.add(launch(lay.launch))
+    if lay.launch == "snp":
+        low = launch_gfns(lay.launch)
+        low = low[low < lay.low_pages]
+        script.add(firmware_runs(lay), touches(low, 0, private=True, write=ctx.writes(len(low))))
+    return script
+
+
+def snp_setup(ctx: Ctx) -> Script:
+    """The VMM's setup (vmm_setup); the guest shares its per-vCPU pages (MSR protocol), then
+    SWIOTLB (GHCB requests), then accepts the boot RAM: PSC to private in requests of 64
+    entries, each followed by a private fault per page."""
+    lay = ctx.layout
+    script = vmm_setup(ctx)
     script.add(*percpu_shared(ctx, "psc"), ghcb_psc(ctx, lay.swiotlb_gfns(), PscOp.SHARED))
     script.add(accept(ctx, boot_ram(lay), max_entries=GHCB_MAX_ENTRIES, psc=True))
     return script.add(*rings(ctx, "psc"))
@@ -95,11 +116,12 @@ def dma_churn(ctx: Ctx) -> Script:
 
 
 def tdx_boot(ctx: Ctx) -> Script:
-    """TDVF accepts all RAM (one EPT violation per page); the kernel shares its per-vCPU pages
-    and kvmclock with 4 KiB MapGPAs and SWIOTLB with one MapGPA; at runtime SWIOTLB traffic
-    and now and then a coherent DMA buffer shared and taken back with MapGPA."""
+    """After the launch, TDVF accepts all other RAM (one EPT violation per page); the kernel
+    shares its per-vCPU pages and kvmclock with 4 KiB MapGPAs and SWIOTLB with one MapGPA; at
+    runtime SWIOTLB traffic and now and then a coherent DMA buffer shared and taken back with
+    MapGPA."""
     lay = ctx.layout
-    script = Script().add(memslots(lay), set_private(lay), flash_reads(lay))
+    script = vmm_setup(ctx)
     script.add(accept(ctx, boot_ram(lay, keep_shared=True), max_entries=GHCB_MAX_ENTRIES,
                       psc=False))
     script.add(*percpu_shared(ctx, "map_gpa"))
@@ -115,7 +137,7 @@ def implicit(ctx: Ctx) -> Script:
     by touching them with the other C-bit (per-vCPU pages, rings, SWIOTLB on first use, DMA
     buffers shared and back), with host accesses, some after the page went private again."""
     lay = ctx.layout
-    script = Script().add(memslots(lay), set_private(lay), flash_reads(lay))
+    script = vmm_setup(ctx)
     script.add(accept(ctx, boot_ram(lay), max_entries=GHCB_MAX_ENTRIES, psc=False))
     script.add(*percpu_shared(ctx, "implicit"), *rings(ctx, "implicit"))
     flips = buffer_cycles(ctx, lay.memory // (512 << 10), "implicit")
