@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from gen_ftrace_log import Costs, generate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scenario import K, M, attrs, host, memslot, npf, populate, psc, table
 from test_engine_properties import policies, valid_slots
+from test_latency import imported
 
 from upmtrace.model.attributes import AttributeMap
 from upmtrace.policy import KNOBS, PRESETS
@@ -122,3 +124,11 @@ def test_block_bitmap_is_the_private_runs_as_bits(ranges, base, pages):
         attrs.set_range(g0, g0 + n, private)
     bits = sum(1 << (g - base) for g in range(base, base + pages) if attrs.is_private(g))
     assert attrs.block_bitmap(base, pages) == bits
+
+
+def test_replay_many_carries_the_recorded_timing_to_every_policy(tmp_path):
+    trace, _ = imported(tmp_path, generate(vcpus=3, rounds=6, costs=Costs(jitter=130)))
+    policies = [PRESETS["eager"], PRESETS["lazy"], PRESETS["inplace"]]
+    together = replay_many(trace, policies)
+    assert "timing" in together[0].report
+    assert [r.to_json() for r in together] == [replay(trace, p).to_json() for p in policies]
