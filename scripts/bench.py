@@ -152,12 +152,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="three presets, one repeat, no 50M-event trace")
+    parser.add_argument("--presets", nargs="+", choices=PRESETS, help="presets to replay under")
     parser.add_argument("--repeat", type=int, default=None, help="runs per figure (best kept)")
     parser.add_argument("--cache", type=Path, default=ROOT / "bench-cache")
     parser.add_argument("--json", type=Path, default=ROOT / "bench-results.json")
     args = parser.parse_args()
     args.cache.mkdir(exist_ok=True)
-    presets = ["eager", "lazy", "hugepool"] if args.quick else PRESETS
+    presets = args.presets or (["eager", "lazy", "hugepool"] if args.quick else PRESETS)
     repeat = args.repeat or (1 if args.quick else 3)
     results: dict = {"cpu_count": os.cpu_count(), "load": os.getloadavg(), "repeat": repeat}
     print(f"== replay, whole process (best of {repeat}; load {os.getloadavg()[0]:.1f}) ==")
