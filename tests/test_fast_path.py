@@ -132,3 +132,13 @@ def test_replay_many_carries_the_recorded_timing_to_every_policy(tmp_path):
     together = replay_many(trace, policies)
     assert "timing" in together[0].report
     assert [r.to_json() for r in together] == [replay(trace, p).to_json() for p in policies]
+
+
+def test_the_package_keeps_replay_and_result_at_its_top_level():
+    """upmtrace.replay is the function (it shadows the package of the same name, whose modules
+    are imported as `from upmtrace.replay import engine, fast`)."""
+    import upmtrace
+    from upmtrace.replay import engine
+
+    assert upmtrace.replay is replay and upmtrace.Result is engine.Result
+    assert callable(upmtrace.replay) and fast.run_batches
