@@ -86,7 +86,8 @@ def test_ctrl_c_is_130_on_every_command(work, monkeypatch, name):
 
 SIGNALLED = """
 import os, signal, sys, time
-import upmtrace.engine as engine
+import upmtrace.replay
+engine = sys.modules["upmtrace.replay"]  # the package (upmtrace.replay is its function)
 
 def hit(*args, **kwargs):
     os.kill(os.getpid(), signal.{name})

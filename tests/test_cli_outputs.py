@@ -7,6 +7,7 @@ import io
 import json
 import os
 import stat
+import sys
 import threading
 from pathlib import Path
 
@@ -16,7 +17,6 @@ import pytest
 from click.testing import CliRunner
 from scenario import K, M, attrs, memslot, npf, psc, table
 
-import upmtrace.engine
 import upmtrace.gate.check
 from upmtrace.cli import cli
 from upmtrace.trace.io import write_trace
@@ -157,7 +157,7 @@ def no_replay(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("replayed before checking the output")
 
-    monkeypatch.setattr(upmtrace.engine, "replay", refuse)
+    monkeypatch.setattr(sys.modules["upmtrace.replay"], "replay", refuse)  # the package
     monkeypatch.setattr(upmtrace.gate.check, "replay", refuse)
 
 

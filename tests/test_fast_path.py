@@ -1,18 +1,20 @@
-"""The batch path (upmtrace.fast) and the row-by-row reference give identical reports."""
+"""The batch path (upmtrace.replay.fast) and the row-by-row reference give identical reports."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from gen_ftrace_log import Costs, generate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scenario import K, M, attrs, host, memslot, npf, populate, psc, table
 from test_engine_properties import policies, valid_slots
+from test_latency import imported
 
-import upmtrace.fast
-from upmtrace.engine import replay
+from upmtrace.model.attributes import AttributeMap
 from upmtrace.policy import KNOBS, PRESETS
+from upmtrace.replay import fast, replay, replay_many
 from upmtrace.timeline import Timeline
 from upmtrace.trace.io import read_trace
 from upmtrace.trace.synth import WORKLOADS, synthesize
@@ -53,8 +55,8 @@ def flatten(parts):
        st.sampled_from(["snp", "tdx", "sw"]), st.integers(1, 5), st.integers(1, 9))
 def test_batch_path_matches_reference(monkeypatch_module, slots, parts, policy, platform,
                                       min_run, chunk):
-    monkeypatch_module.setattr(upmtrace.fast, "MIN_RUN", min_run)
-    monkeypatch_module.setattr(upmtrace.fast, "CHUNK", chunk * 64)
+    monkeypatch_module.setattr(fast, "MIN_RUN", min_run)
+    monkeypatch_module.setattr(fast, "CHUNK", chunk * 64)
     t = table(*valid_slots([*slots, attrs(0, 8 * M), *flatten(parts)]))
     ref = replay(t, policy, platform=platform, reference=True).to_json()
     assert replay(t, policy, platform=platform, batch_rows=97).to_json() == ref
@@ -84,3 +86,59 @@ def test_timeline_is_the_same_on_both_paths():
     replay(trace, PRESETS["lazy"], timeline=a, reference=True)
     replay(trace, PRESETS["lazy"], timeline=b)
     assert a.samples == b.samples and len(a.samples) > 10
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(slot_rows, st.lists(st.one_of(fault_run, page_sweep, other), max_size=12), policies,
+       st.sampled_from(["snp", "tdx", "sw"]), st.integers(1, 4))
+def test_short_runs_swept_in_pieces_match_reference(monkeypatch_module, slots, parts, policy,
+                                                    platform, pieces):
+    """Every npf run taken by the short path (contiguous pieces swept a block at a time) or, with
+    few pieces allowed, by the chunk path's general grouping."""
+    monkeypatch_module.setattr(fast, "MIN_RUN", 10_000)
+    monkeypatch_module.setattr(fast, "MAX_PIECES", pieces)
+    t = table(*valid_slots([*slots, attrs(0, 8 * M), *flatten(parts)]))
+    ref = replay(t, policy, platform=platform, reference=True).to_json()
+    assert replay(t, policy, platform=platform, batch_rows=97).to_json() == ref
+    monkeypatch_module.setattr(fast, "MIN_RUN", 1)
+    assert replay(t, policy, platform=platform).to_json() == ref
+
+
+@pytest.mark.parametrize("workload", ["lazy-accept", "dma-churn", "tdx-boot"])
+def test_replay_many_gives_each_policy_its_own_replay(workload):
+    """One pass over the trace feeding every engine: the same reports as separate replays,
+    also with batches cut small and under vfio."""
+    synth = synthesize(workload, memory=256 * M, vcpus=2, seed=2, platform=None)
+    policies = [*PRESETS.values(), PRESETS["lazy"].with_overrides({"vfio": "on-convert"})]
+    policies = [p for i, p in enumerate(policies) if p not in policies[:i]]
+    alone = [replay(synth.table, p, platform=synth.platform).to_json() for p in policies]
+    together = replay_many(synth.table, policies, platform=synth.platform, batch_rows=1000)
+    assert [r.to_json() for r in together] == alone
+
+
+@given(st.lists(st.tuples(st.integers(0, 2048), st.integers(1, 700), st.booleans()),
+                max_size=12), st.integers(0, 2048), st.integers(1, 512))
+def test_block_bitmap_is_the_private_runs_as_bits(ranges, base, pages):
+    attrs = AttributeMap()
+    for g0, n, private in ranges:
+        attrs.set_range(g0, g0 + n, private)
+    bits = sum(1 << (g - base) for g in range(base, base + pages) if attrs.is_private(g))
+    assert attrs.block_bitmap(base, pages) == bits
+
+
+def test_replay_many_carries_the_recorded_timing_to_every_policy(tmp_path):
+    trace, _ = imported(tmp_path, generate(vcpus=3, rounds=6, costs=Costs(jitter=130)))
+    policies = [PRESETS["eager"], PRESETS["lazy"], PRESETS["inplace"]]
+    together = replay_many(trace, policies)
+    assert "timing" in together[0].report
+    assert [r.to_json() for r in together] == [replay(trace, p).to_json() for p in policies]
+
+
+def test_the_package_keeps_replay_and_result_at_its_top_level():
+    """upmtrace.replay is the function (it shadows the package of the same name, whose modules
+    are imported as `from upmtrace.replay import engine, fast`)."""
+    import upmtrace
+    from upmtrace.replay import engine
+
+    assert upmtrace.replay is replay and upmtrace.Result is engine.Result
+    assert callable(upmtrace.replay) and fast.run_batches

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from scenario import K, M, attrs, memslot, npf, table
 
 from upmtrace.cli import cli
-from upmtrace.engine import replay
 from upmtrace.errors import InputError
 from upmtrace.fleet.executors import LocalExecutor
 from upmtrace.fleet.pairs import (
@@ -27,6 +26,7 @@ from upmtrace.fleet.pairs import (
 )
 from upmtrace.fleet.summary import summarize
 from upmtrace.policy import PRESETS
+from upmtrace.replay import replay
 from upmtrace.trace.io import IMPORT_HINT, read_trace, write_trace
 
 SIZES = (1, 2, 4, 10)  # pages each trace first touches private, then shared

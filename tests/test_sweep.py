@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,11 +15,10 @@ from click.testing import CliRunner
 from scenario import K, M, attrs, memslot, npf, psc, table
 from test_sweep_frontier import brute_dominates
 
-import upmtrace.engine
 from upmtrace.cli import cli
-from upmtrace.engine import replay
 from upmtrace.fleet.pairs import flatten
 from upmtrace.policy import load_policy
+from upmtrace.replay import replay
 from upmtrace.trace.io import read_trace, write_trace
 
 OBJECTIVES = ("memory.peak_resident_bytes", "exits.total", "cost.total_ns")
@@ -114,13 +114,13 @@ def test_each_policy_is_its_own_replay(trace):
 def replays(monkeypatch) -> list[str]:
     """The policy of every replay the workers ran (in this process: --workers 1)."""
     names: list[str] = []
-    real = upmtrace.engine.replay
+    real = replay
 
     def counting(trace, policy, **kwargs):
         names.append(policy.name)
         return real(trace, policy, **kwargs)
 
-    monkeypatch.setattr(upmtrace.engine, "replay", counting)
+    monkeypatch.setattr(sys.modules["upmtrace.replay"], "replay", counting)  # the package
     return names
 
 

@@ -306,9 +306,9 @@ def replay(trace: str, policy_spec: str, overrides: tuple[str, ...], costs_file:
            timeline_rows: int, paranoid: bool, by_vcpu: bool) -> None:
     """Replay TRACE under a policy and report exits, memory and direct-map cost."""
     from upmtrace.costs import load_costs
-    from upmtrace.engine import replay as run
     from upmtrace.policy import load_policy
     from upmtrace.progress import watched
+    from upmtrace.replay import replay as run
     from upmtrace.report import RENDERERS
     from upmtrace.timeline import Timeline, check_path, is_parquet
     from upmtrace.trace.io import read_trace
@@ -359,11 +359,11 @@ def compare(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...
             costs_file: str | None, platform: str | None, fmt: str, output: str | None) -> None:
     """Replay TRACE under several policies and show them side by side, with deltas.
 
-    The trace is read once; the policies replay in parallel processes. --set applies to every
-    policy. In the table the lowest value of each row is marked with `*`.
+    The trace is read and decoded once, in one pass that feeds every policy. --set applies to
+    every policy. In the table the lowest value of each row is marked with `*`.
     """
     from upmtrace.costs import load_costs
-    from upmtrace.fleet.compare import check_policies, default_workers
+    from upmtrace.fleet.compare import check_policies
     from upmtrace.fleet.compare import compare as run
     from upmtrace.policy import load_policy
     from upmtrace.progress import watched
@@ -375,8 +375,7 @@ def compare(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...
     costs = load_costs(costs_file) if costs_file else None
     check_outputs(Out(output, "--output"))
     loaded = read_trace(trace)
-    in_process = default_workers(len(policies), loaded.events) == 1
-    with watched(loaded, times=len(policies) if in_process else 0) as events:
+    with watched(loaded) as events:  # one pass over the trace feeds every policy
         comparison = run(events, policies, platform=platform, costs=costs)
     shown = FILE if output else screen()
     emit(RENDERERS[fmt](comparison, shown.width, color=shown.color), output)
@@ -402,9 +401,9 @@ def plot(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...],
     """
     from upmtrace.atomic import write_atomic
     from upmtrace.costs import load_costs
-    from upmtrace.engine import replay as run
     from upmtrace.policy import check_distinct, load_policy
     from upmtrace.progress import progress, tracked
+    from upmtrace.replay import replay as run
     from upmtrace.report.plot import Series, format_of, render
     from upmtrace.timeline import Timeline
     from upmtrace.trace.io import read_trace

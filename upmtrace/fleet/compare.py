@@ -9,10 +9,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from upmtrace.engine import Result, replay
 from upmtrace.errors import UsageError
 from upmtrace.fleet.executors import LocalExecutor
 from upmtrace.policy import Policy, check_distinct
+from upmtrace.replay import Result, replay, replay_many
 
 SCHEMA_ID = "upmtrace.compare.v1"
 # Starting a worker costs ~0.4 s (a fresh interpreter importing pyarrow); the engine replays
@@ -53,13 +53,15 @@ def default_workers(policies: int, events: int) -> int:
 
 def compare(trace, policies: list[Policy], *, platform: str | None = None,
             costs: dict[str, int] | None = None, workers: int | None = None) -> Comparison:
-    """Replay `trace` (read once) under every policy; results in policy order.
+    """Replay `trace` under every policy; results in policy order.
 
-    An error of any replay (an invalid event) is raised as it was.
+    By default in this process, in one pass over the trace that feeds every policy
+    (replay_many); `workers` > 1 replays the policies in that many processes instead. An
+    error of any replay (an invalid event) is raised as it was.
     """
     check_policies(policies)
-    if workers is None:
-        workers = default_workers(len(policies), _events(trace))
+    if workers is None or workers <= 1:
+        return Comparison(tuple(replay_many(trace, policies, platform=platform, costs=costs)))
     jobs = [(trace, policy, platform, costs) for policy in policies]
     results: list[Result | None] = [None] * len(jobs)
     for index, outcome in LocalExecutor(workers).run(_replay, jobs):

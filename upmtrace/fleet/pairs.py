@@ -146,7 +146,7 @@ def replay_pair(path: str, policy_json: dict[str, Any], platform: str | None,
     A pair that fails (unreadable or invalid trace, or anything else) is a row whose `error`
     says why in one line, its metric columns null.
     """
-    from upmtrace.engine import replay
+    from upmtrace.replay import replay
     from upmtrace.trace.io import read_trace
 
     policy = Policy(**policy_json)

@@ -41,6 +41,19 @@ class AttributeMap:
             i += 1
         return runs
 
+    def block_bitmap(self, base: int, pages: int) -> int:
+        """Bitmap of the private gfns of [base, base + pages), bit 0 for base."""
+        starts, ends = self._starts, self._ends
+        i = bisect_right(starts, base) - 1
+        if i >= 0 and ends[i] >= base + pages:
+            return (1 << pages) - 1  # inside one private run
+        if (i < 0 or ends[i] <= base) and (i + 1 >= len(starts) or starts[i + 1] >= base + pages):
+            return 0  # between two runs
+        bitmap = 0
+        for lo, hi in self.private_runs(base, base + pages):
+            bitmap |= ((1 << (hi - lo)) - 1) << (lo - base)
+        return bitmap
+
     def is_uniform(self, g0: int, g1: int, private: bool) -> bool:
         """Every gfn of [g0, g1) carries the attribute."""
         i = bisect_right(self._starts, g0) - 1

@@ -233,11 +233,7 @@ class Machine:
 
     def private_bitmap(self, block: int, mask: int) -> int:
         """Bitmap of the gfns of mask (in block) whose attribute is private."""
-        base = block << BLOCK_PAGES_SHIFT
-        bitmap = 0
-        for lo, hi in self.attrs.private_runs(base, base + PAGES_PER_BLOCK):
-            bitmap |= ((1 << (hi - lo)) - 1) << (lo - base)
-        return bitmap & mask
+        return self.attrs.block_bitmap(block << BLOCK_PAGES_SHIFT, PAGES_PER_BLOCK) & mask
 
     def _rmp_shared(self, block: int, mask: int) -> None:
         n, huge = self.rmp.make_shared(block, mask)

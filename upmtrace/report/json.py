@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from upmtrace.engine import Result
+from upmtrace.replay.engine import Result
 
 
 def render(result: Result, width: int | None = 100, **_) -> str:

@@ -1,4 +1,9 @@
-"""The replay loop: trace events in, counters out (docs/model.md). Prints nothing."""
+"""The reference replay loop: trace events in, counters out (docs/model.md), row by row.
+Prints nothing.
+
+The Engine feeds one event at a time to the model; it is the oracle the batch path
+(upmtrace.replay.fast) is tested against.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,8 @@ from upmtrace.costs import default_costs, estimate
 from upmtrace.errors import InputError
 from upmtrace.model.bits import block_spans
 from upmtrace.model.machine import POPULATE_LIMIT_PAGES, PRIVATE, SHARED, Machine
-from upmtrace.policy import PRESETS, Policy
+from upmtrace.policy import Policy
 from upmtrace.timeline import Timeline
-from upmtrace.timing import add_timing
 from upmtrace.trace.schema import (
     BLOCK_SIZE,
     MSR_REQ,
@@ -363,35 +367,4 @@ def iter_rows(table: pa.Table, batch_rows: int = BATCH_ROWS) -> Iterator[Row]:
         yield from batch_rows_of(batch)
 
 
-def replay(trace, policy: Policy | None = None, *, platform: str | None = None,
-           costs: dict[str, int] | None = None, paranoid: bool = False,
-           batch_rows: int = BATCH_ROWS, timeline: Timeline | None = None,
-           reference: bool = False, by_vcpu: bool = False) -> Result:
-    """Replay a Trace (or a bare SCHEMA table) under a policy; returns the report (docs/report.md).
-
-    The batch path (upmtrace.fast) is used unless `reference` or `paranoid` asks for the
-    row-by-row reference loop; both give the same report.
-    """
-    policy = policy or PRESETS["eager"]
-    if isinstance(trace, pa.Table):
-        batches = trace.select(list(COLS)).to_batches(max_chunksize=batch_rows)
-        info, recorded = {"path": None, "sha256": None, "events": trace.num_rows}, None
-        plat = Platform(platform or "snp")
-    else:
-        batches, recorded = trace.batches(batch_rows), trace.recorded
-        plat = Platform(platform or trace.platform)
-        info = {"path": trace.path, "sha256": trace.sha256, "events": trace.events}
-    info["platform"] = plat.value
-    engine = Engine(policy, plat, paranoid=paranoid, timeline=timeline)
-    if reference or paranoid:
-        engine.run(row for batch in batches for row in batch_rows_of(batch))
-    else:
-        from upmtrace.fast import run_batches
-
-        run_batches(engine, batches)
-    report = engine.report(info, recorded, costs)
-    add_timing(report, trace, plat, recorded, per_vcpu=by_vcpu)  # the recorded time, if any
-    return Result(report)
-
-
-__all__ = ["Engine", "Result", "replay", "PRIVATE", "SHARED"]
+__all__ = ["Engine", "Result", "PRIVATE", "SHARED"]
