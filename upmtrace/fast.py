@@ -65,6 +65,7 @@ def run_batch(engine: Engine, batch: pa.RecordBatch) -> None:
 def short_npf_run(engine: Engine, ts: list[int], gfn: list[int], private: list[bool]) -> None:
     """A few npf rows, one by one as Engine.feed would, without building their row tuples."""
     engine.flush()
+    engine.ledger.switch("npf")
     engine.count["npf.recorded"] += len(gfn)
     for t, g, p in zip(ts, gfn, private, strict=True):
         if t > engine.due:
@@ -77,6 +78,7 @@ def short_npf_run(engine: Engine, ts: list[int], gfn: list[int], private: list[b
 
 def npf_run(engine: Engine, ts: np.ndarray, gfn: np.ndarray, private: np.ndarray) -> None:
     engine.flush()  # an npf row ends the PSC request being gathered
+    engine.ledger.switch("npf")
     i, n = 0, len(gfn)
     while i < n:
         if ts[i] > engine.due:
