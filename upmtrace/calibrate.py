@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from upmtrace.attribution import WORK, work
+from upmtrace.attribution import WORK, inclusive, work
 from upmtrace.costs import DEFAULTS, default_costs
 from upmtrace.engine import Engine, batch_rows_of, replay
 from upmtrace.errors import InputError
@@ -260,7 +260,6 @@ def reproduction(report: dict, recorded: dict | None) -> list[dict]:
     timing, by_exit = report.get("timing") or {}, report["cost"]["by_exit"]
     exits = report["exits"]
     plat = Platform(report["trace"]["platform"])
-    nested = {"npf": [MF], HYPERCALL_EXIT[plat]: [HC]}
     parent = {MF: "npf", HC: HYPERCALL_EXIT[plat]}
     rowless = (((recorded or {}).get("latency") or {}).get("exits") or {}).get("vm") or {}
     out = []
@@ -271,7 +270,7 @@ def reproduction(report: dict, recorded: dict | None) -> list[dict]:
             if group == "vm":
                 extra = rowless.get(reason) or {}
                 count, total = count - extra.get("count", 0), total - extra.get("total_ns", 0)
-                estimate = by_exit.get(reason, 0) + sum(by_exit[u] for u in nested.get(reason, []))
+                estimate = inclusive(report, reason)
             else:
                 estimate = by_exit.get(reason, 0)
                 if (rowless.get(parent[reason]) or {}).get("count"):
