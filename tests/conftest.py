@@ -1,11 +1,14 @@
 """Hypothesis profiles. `UPMTRACE_FUZZ=long pytest tests/test_fuzz.py` runs the fuzzers (and every
 property test without its own example count) for UPMTRACE_FUZZ_EXAMPLES examples each (default
-20000), without deadlines; the default run keeps each fuzzer's small, bounded budget."""
+20000), without deadlines; `UPMTRACE_FUZZ=mutation` (scripts/mutation.sh) a small, fixed set of
+examples (derandomized), the same for every mutant; the default run keeps each fuzzer's small,
+bounded budget. scenario.examples(n) gives a property test its count under these profiles."""
 
 from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 LONG = os.environ.get("UPMTRACE_FUZZ") == "long"
@@ -13,5 +16,16 @@ LONG = os.environ.get("UPMTRACE_FUZZ") == "long"
 settings.register_profile(
     "long", max_examples=int(os.environ.get("UPMTRACE_FUZZ_EXAMPLES", "20000")), deadline=None,
     suppress_health_check=list(HealthCheck))
-if LONG:
-    settings.load_profile("long")
+settings.register_profile(
+    "mutation", max_examples=int(os.environ.get("UPMTRACE_FUZZ_EXAMPLES", "40")), deadline=None,
+    derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+if os.environ.get("UPMTRACE_FUZZ") in ("long", "mutation"):
+    settings.load_profile(os.environ["UPMTRACE_FUZZ"])
+
+
+@pytest.fixture(autouse=True)
+def _generous_terminal_width(monkeypatch):
+    """Every test renders at a fixed, generous width, whatever the terminal running it (a test
+    that needs another width sets COLUMNS itself)."""
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.delenv("LINES", raising=False)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
+from hypothesis import settings
 
 from upmtrace.engine import Engine, Result, iter_rows
 from upmtrace.policy import PRESETS
@@ -13,6 +16,12 @@ K, M = 1 << 10, 1 << 20
 # every integer counter of the report, by section, outside memory/cost/trace/policy
 COUNTER_GROUPS = ("exits", "npf", "conversions", "psc", "gmem", "rmp", "directmap", "mappings",
                   "host_access", "populate", "vfio")
+
+
+def examples(default: int) -> int:
+    """A property test's example count: `default`, or the count of the profile UPMTRACE_FUZZ
+    selects (tests/conftest.py: `long` runs many more, `mutation` a fixed few)."""
+    return settings().max_examples if os.environ.get("UPMTRACE_FUZZ") else default
 
 
 def table(*rows: dict) -> pa.Table:

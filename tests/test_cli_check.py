@@ -6,6 +6,7 @@ import json
 import os
 import xml.etree.ElementTree as ET
 from fractions import Fraction
+from xml.etree import ElementTree
 
 import pytest
 from click.testing import CliRunner
@@ -49,9 +50,9 @@ def run(*args):
 
 
 def edit(path: str, change) -> None:
-    doc = json.loads(open(path).read())
+    doc = json.loads(open(path, encoding="utf-8").read())
     change(doc)
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(doc, f)
 
 
@@ -60,7 +61,7 @@ def test_update_writes_the_baseline_format(tmp_path, trace):
     result = run("check", trace, "--baseline", str(path), "--update")
     assert result.exit_code == 0
     assert result.output == f"wrote {path}: policy eager, 8 guarded metrics, tolerance 0%\n"
-    doc = json.loads(path.read_text())
+    doc = json.loads(path.read_text(encoding="utf-8"))
     assert set(doc) == {"schema", "guard", "report"}
     assert doc["schema"] == "upmtrace.baseline.v1"
     assert doc["guard"] == {"metrics": EXIT_KEYS, "tolerance": 0}
@@ -111,7 +112,7 @@ def test_tolerance_bounds_the_growth(trace, baseline, tolerance, code):
 def test_the_baselines_tolerance_applies_without_the_option(tmp_path, trace):
     path = str(tmp_path / "b.json")
     run("check", trace, "--baseline", path, "--update", "--tolerance", "100")
-    assert json.loads(open(path).read())["guard"]["tolerance"] == 100
+    assert json.loads(open(path, encoding="utf-8").read())["guard"]["tolerance"] == 100
     assert run("check", trace, "--baseline", path, "--set", "exits=per-entry").exit_code == 0
 
 
@@ -165,6 +166,12 @@ def test_another_policy_name_is_exit_3(trace, baseline):
     assert run("check", trace, "--baseline", baseline, "--policy", "eager").exit_code == 0
 
 
+def junit_policy(path) -> str:
+    """The policy a check ran, from its JUnit XML (text output may wrap a long path)."""
+    props = ElementTree.parse(path).getroot().find("testsuite/properties")
+    return {p.get("name"): p.get("value") for p in props}["policy"]
+
+
 def test_a_toml_policy_of_the_same_name_with_other_knobs_is_compared(tmp_path, trace):
     policy = tmp_path / "mine.toml"
     policy.write_text('exits = "coalesce"\n')
@@ -172,8 +179,10 @@ def test_a_toml_policy_of_the_same_name_with_other_knobs_is_compared(tmp_path, t
     assert run("check", trace, "--baseline", path, "--policy", str(policy),
                "--update").exit_code == 0
     policy.write_text('exits = "per-entry"\n')
-    result = run("check", trace, "--baseline", path, "--policy", str(policy))
-    assert result.exit_code == 1 and "policy mine" in result.output
+    junit = tmp_path / "j.xml"
+    result = run("check", trace, "--baseline", path, "--policy", str(policy), "--junit",
+                 str(junit))
+    assert result.exit_code == 1 and junit_policy(junit) == "mine"
     # without --policy the baseline's recorded knobs are used, not the edited file
     assert run("check", trace, "--baseline", path).exit_code == 0
 
@@ -182,12 +191,14 @@ def test_without_policy_the_baselines_policy_replays(tmp_path, trace):
     path = str(tmp_path / "b.json")
     run("check", trace, "--baseline", path, "--update", "--policy", "sg", "--set",
         "dealloc=lazy")
-    result = run("check", trace, "--baseline", path)
-    assert result.exit_code == 0 and "policy sg" in result.output
+    junit = tmp_path / "j.xml"
+    result = run("check", trace, "--baseline", path, "--junit", str(junit))
+    assert result.exit_code == 0 and junit_policy(junit) == "sg+dealloc=lazy"
     # --update without --policy keeps the baseline's policy
     run("check", trace, "--baseline", path, "--update")
-    policy = json.loads(open(path).read())["report"]["policy"]
-    assert (policy["name"], policy["exits"], policy["dealloc"]) == ("sg", "batched", "lazy")
+    policy = json.loads(open(path, encoding="utf-8").read())["report"]["policy"]
+    assert (policy["name"], policy["exits"], policy["dealloc"]) == ("sg+dealloc=lazy", "batched",
+                                                                  "lazy")
 
 
 def test_platform_other_than_the_baselines_is_exit_3(trace, baseline):
@@ -200,7 +211,7 @@ def test_metric_options_choose_and_expand_what_is_guarded(tmp_path, trace):
     path = str(tmp_path / "b.json")
     run("check", trace, "--baseline", path, "--update", "--metric", "exits.vm_total",
         "--metric", "memory", "--metric", "exits.vm_total")
-    metrics = json.loads(open(path).read())["guard"]["metrics"]
+    metrics = json.loads(open(path, encoding="utf-8").read())["guard"]["metrics"]
     assert metrics[0] == "exits.vm_total" and "memory.ratio_to_touched" in metrics
     assert len(metrics) == len(set(metrics)) == 10
     result = run("check", trace, "--baseline", path, "--metric", "exits.userspace_total")
@@ -235,7 +246,7 @@ def test_update_replaces_atomically_and_leaves_no_temp_files(tmp_path, trace, ba
                "exits=per-entry").exit_code == 0
     assert os.stat(baseline).st_ino != before  # a new file renamed over the old one
     assert sorted(os.listdir(tmp_path)) == ["baseline.json", "t.parquet"]
-    written = open(baseline).read()
+    written = open(baseline, encoding="utf-8").read()
 
     def fail(fd):
         raise OSError(28, "No space left on device")
@@ -244,7 +255,7 @@ def test_update_replaces_atomically_and_leaves_no_temp_files(tmp_path, trace, ba
     result = run("check", trace, "--baseline", baseline, "--update")
     assert result.exit_code == 3
     assert result.output == f"Error: {baseline}: cannot write (No space left on device)\n"
-    assert open(baseline).read() == written
+    assert open(baseline, encoding="utf-8").read() == written
     assert sorted(os.listdir(tmp_path)) == ["baseline.json", "t.parquet"]
 
 

@@ -109,7 +109,7 @@ def test_set_applies_to_every_policy_and_output_is_written(trace, tmp_path):
     result = run("compare", trace, "--policy", "eager", "--policy", "lazy", "--set",
                  "exits=per-entry", "--format", "json", "--output", str(out))
     assert result.exit_code == 0 and result.output == ""
-    results = json.loads(out.read_text())["results"]
+    results = json.loads(out.read_text(encoding="utf-8"))["results"]
     assert [r["policy"]["exits"] for r in results] == ["per-entry", "per-entry"]
     assert [r["exits"]["userspace"]["KVM_EXIT_HYPERCALL"] for r in results] == [3, 3]
 

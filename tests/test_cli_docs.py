@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from upmtrace.cli import cli
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
 
 
 def commands(group: click.Group, prefix: str = "upmtrace"):

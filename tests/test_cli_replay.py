@@ -50,7 +50,7 @@ def test_set_overrides_a_knob_and_output_is_written(trace, tmp_path):
     result = run("replay", trace, "--set", "dealloc=lazy", "--set", "lazy_limit=1M",
                  "--format", "json", "--output", str(out))
     assert result.exit_code == 0 and result.output == ""
-    policy = json.loads(out.read_text())["policy"]
+    policy = json.loads(out.read_text(encoding="utf-8"))["policy"]
     assert (policy["name"], policy["dealloc"], policy["lazy_limit"]) == (
         "eager+dealloc=lazy+lazy_limit=1M", "lazy", 1 << 20)
 

@@ -197,19 +197,21 @@ def test_summary_percentiles_on_a_fleet_with_known_answers(fleet_dir):
 # --- the command ---------------------------------------------------------------------------
 
 
-def test_fleet_prints_the_summary_and_writes_sorted_results(fleet_dir, tmp_path):
+def test_fleet_prints_the_summary_and_writes_sorted_results(fleet_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # short relative paths: the text never wraps a long temp path
     out = tmp_path / "r.parquet"
-    result = run_cli("fleet", fleet_dir, "--policy", "eager", "--policy", "lazy", "-o", out,
-                     "--workers", "1")
+    result = run_cli("fleet", "traces", "--policy", "eager", "--policy", "lazy", "-o",
+                     "r.parquet", "--workers", "1")
     assert result.exit_code == 0, result.output
-    assert f"Fleet: 4 traces x 2 policies = 8 pairs, 0 failed; results in {out}" in result.output
+    assert "Fleet: 4 traces x 2 policies = 8 pairs, 0 failed; results in r.parquet" in (
+        result.output)
     assert "policy lazy (4 of 4 traces replayed): dealloc=lazy (otherwise as eager)" in (
         result.output)
     assert "method 'linear'" in result.output
     rows = pq.read_table(out).to_pylist()
     assert [(Path(r["trace.path"]).name, r["policy.name"]) for r in rows] == [
         (f"flip-{n:02}.parquet", p) for n in SIZES for p in ("eager", "lazy")]
-    assert rows[0]["trace.path"] == str(fleet_dir / "flip-01.parquet")
+    assert Path(rows[0]["trace.path"]).resolve() == (fleet_dir / "flip-01.parquet").resolve()
 
 
 def test_fleet_run_is_the_default_subcommand(fleet_dir):
@@ -230,12 +232,13 @@ def test_a_failed_pair_is_a_row_and_exit_3(fleet_dir, corrupt, tmp_path):
     assert result.exit_code == 3, result.output
     assert "10 pairs, 2 failed" in result.output
     assert "policy eager (4 of 5 traces replayed)" in result.output
-    assert "Failed pairs (2)" in result.output and "not a readable Parquet file" in result.output
+    assert "Failed pairs (2)" in result.output  # the messages: from the rows and the JSON
     rows = pq.read_table(out).to_pylist()
     failed = [r for r in rows if r["error"] is not None]
     assert [(r["trace.path"], r["policy.name"]) for r in failed] == [
         (str(corrupt), "eager"), (str(corrupt), "lazy")]
     assert all(r["exits.vm_total"] is None for r in failed)
+    assert all("not a readable Parquet file" in r["error"] for r in failed)
     assert sorted(r["exits.vm_total"] for r in rows if r["error"] is None) == [
         3, 3, 6, 6, 12, 12, 30, 30]
     summary = json.loads(run_cli("fleet", fleet_dir, "--policy", "eager", "--format", "json",
@@ -298,8 +301,17 @@ def small_fleet(tmp_path) -> Path:
     return folder
 
 
+def require_distributed():
+    """dask[distributed] is in the [test] extra: a run without it must fail, not skip."""
+    try:
+        import distributed
+    except ImportError as err:
+        pytest.fail(f"dask[distributed] is missing ({err}): pip install -e '.[test]'")
+    return distributed
+
+
 def test_local_and_dask_give_byte_identical_results(small_fleet, tmp_path):
-    pytest.importorskip("distributed")
+    require_distributed()
     outputs = {}
     for name, executor in (("local", ["--workers", "2"]),
                            ("dask", ["--executor", "dask", "--workers", "2"])):
@@ -313,7 +325,7 @@ def test_local_and_dask_give_byte_identical_results(small_fleet, tmp_path):
 
 
 def test_fleet_joins_an_existing_cluster(small_fleet, tmp_path):
-    distributed = pytest.importorskip("distributed")
+    distributed = require_distributed()
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster:
         result = run_cli("fleet", small_fleet / "flip-*.parquet", "--policy", "eager",
@@ -336,7 +348,7 @@ def test_fleet_check_gates_the_totals(fleet_dir, tmp_path):
     assert written.exit_code == 0, written.output
     assert written.output == (f"wrote {base}: 4 traces, policies eager, lazy, 8 guarded totals "
                               "each, tolerance 0%\n")
-    doc = json.loads(base.read_text())
+    doc = json.loads(base.read_text(encoding="utf-8"))
     assert doc["schema"] == "upmtrace.fleet-baseline.v1"
     assert doc["totals"]["eager"]["exits.vm_total"] == 51
     assert [t["path"] for t in doc["traces"]] == [str(fleet_dir / f"flip-{n:02}.parquet")

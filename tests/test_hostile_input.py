@@ -503,7 +503,8 @@ def test_a_corrupt_baseline_is_what_update_replaces(work):
     (work / "b.json").write_text("{oops")
     result = invoke(["check", GOOD, "--baseline", "b.json", "--update"])
     assert result.exit_code == 0, result.output
-    assert json.loads((work / "b.json").read_text())["schema"] == "upmtrace.baseline.v1"
+    doc = json.loads((work / "b.json").read_text(encoding="utf-8"))
+    assert doc["schema"] == "upmtrace.baseline.v1"
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -621,3 +622,68 @@ def test_usage_and_output_errors(work, args, code, message):
     (work / "out.txt").write_bytes(b"old")
     (work / "tl.txt").write_bytes(b"old")
     fails(args, code, message, work)
+
+
+# --- one line or row never costs unbounded work or memory -----------------------------------
+
+HUGE_MAP_GPA = "kvm_hc_map_gpa_range gpa 0x0 size 0x8000000000000 attributes 0x11\n"
+
+
+@pytest.mark.parametrize(("platform", "kinds"), [
+    ("snp", {"memslot": 1, "set_attributes": 1, "psc": 1}),
+    ("tdx", {"memslot": 1, "set_attributes": 1, "map_gpa": 1}),
+    ("sw", {"memslot": 1, "set_attributes": 1, "map_gpa": 1})])
+def test_a_2m_hinted_map_gpa_of_2_pow_51_bytes_stays_one_row(work, platform, kinds):
+    """A 78-byte line asking for 2^51 bytes with the 2 MiB page-size hint: more 2 MiB entries
+    than one GHCB request can hold, so it is kept as one range, never split 2 MiB by 2 MiB."""
+    from upmtrace.trace.io import read_trace
+
+    (work / "log.txt").write_text(HUGE_MAP_GPA)
+    result = invoke(["import", "log.txt", "-o", "out.parquet", "--platform", platform])
+    assert result.exit_code == 0, result.output
+    rows = read_trace("out.parquet").table.to_pylist()
+    assert {k: sum(r["kind"] == k for r in rows) for k in kinds} == kinds
+    assert len(rows) == 3
+    assert rows[-1]["gpa"] == 0 and rows[-1]["size"] == 1 << 51
+
+
+def test_out_of_memory_is_one_error_line_and_exit_3(work, monkeypatch):
+    from upmtrace.trace.importers import qemu
+
+    def exhausted(*_args):
+        raise MemoryError
+
+    monkeypatch.setattr(qemu, "psc_entries", exhausted)
+    (work / "log.txt").write_text(HUGE_MAP_GPA)
+    fails(["import", "log.txt", "-o", "out.parquet"], 3,
+          "out of memory (an input too large for this machine)", work)
+
+
+def test_text_inputs_are_read_as_utf_8_under_an_ascii_locale(tmp_path):
+    """Policy, cost and baseline files are UTF-8 whatever the locale: under LC_ALL=C without
+    Python's UTF-8 mode, a non-ASCII policy name and comments still read, and the baseline
+    written from it is read back."""
+    write_trace(table(*GOOD_ROWS), tmp_path / GOOD)
+    (tmp_path / "p.toml").write_bytes('# « lazy », pas « eager »\nname = "paresseux-é"\n'
+                                      'dealloc = "lazy"\n'.encode())
+    (tmp_path / "c.toml").write_bytes("# ns, mesurés\nvm_exit = 1200\n".encode())
+    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "PYTHONUTF8": "0", "COLUMNS": "100"}
+    for args in (["check", GOOD, "--baseline", "base.json", "--policy", "p.toml", "--costs",
+                  "c.toml", "--update"],
+                 ["check", GOOD, "--baseline", "base.json", "--policy", "p.toml", "--costs",
+                  "c.toml"]):
+        done = subprocess.run([sys.executable, "-m", "upmtrace", *args], cwd=tmp_path, env=env,
+                              capture_output=True)
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+    baseline = json.loads((tmp_path / "base.json").read_text(encoding="utf-8"))
+    assert baseline["report"]["policy"]["name"] == "paresseux-é"
+
+
+def test_a_tdx_map_gpa_of_2_pow_51_bytes_is_one_error_not_a_billion_chunks(work):
+    """KVM cuts a TDX MapGPA into 2 MiB chunks, one conversion each: 2^30 of them would run for
+    hours, so a MapGPA beyond the model's 1 TiB limit for one event is refused."""
+    (work / "log.txt").write_text(HUGE_MAP_GPA)
+    assert invoke(["import", "log.txt", "-o", "tdx.parquet", "--platform", "tdx"]).exit_code == 0
+    fails(["replay", "tdx.parquet", "--output", "out.json"], 3,
+          "map_gpa of 0x8000000000000 bytes at gpa 0x0 would make more 2 MiB chunks than the "
+          "model's limit of 1 TiB in one event", work)

@@ -201,3 +201,19 @@ def test_broken_or_refused_payloads_are_counted_by_reason(tmp_path, payload, rea
     trace, summary = run(tmp_path, log)
     assert summary.skipped == {reason: 1}
     assert summary.events["npf"] == 1
+
+
+@pytest.mark.parametrize(("error_code", "private", "write"), [
+    (0x400000006, True, True),  # bit 34 alone (SNP's encrypted access, PFERR_GUEST_ENC)
+    (0x2000000000004, True, False),  # bit 49 alone (PFERR_PRIVATE_ACCESS)
+    (0x2000400000002, True, True),  # both
+    (0x6, False, True),  # neither: a shared access
+])
+def test_a_fault_is_private_when_error_code_bit_34_or_bit_49_is_set(tmp_path, error_code,
+                                                                    private, write):
+    log = tmp_path / "t.txt"
+    log.write_text("  CPU 0/KVM-1 [000] .....  1.000000: kvm_page_fault: vcpu 0 rip 0x0 "
+                   f"address 0x1000 error_code {error_code:#x}\n")
+    trace, _ = run(tmp_path, log)
+    faults = [r for r in trace.table.to_pylist() if r["kind"] == "npf"]
+    assert [(r["gpa"], r["private"], r["write"]) for r in faults] == [(0x1000, private, write)]

@@ -126,6 +126,11 @@ def test_qemu_log_without_memslot_lines_gets_a_synthesised_slot(tmp_path):
     (0x201000, 0x200000, True, [(0x201000, 4096), (0x202000, 2 * M - 4096)]),
     (0x200000, 0x200000, False, [(0x200000, 2 * M)]),
     (0x200000, 0x3000, False, [(0x200000, 0x3000)]),
+    # 253 2 MiB entries is the most one GHCB request holds (VMGEXIT_PSC_MAX_COUNT); a longer
+    # 2 MiB-hinted run is kept whole, so one line never becomes millions of rows
+    (0, 253 * 2 * M, True, [(i * 2 * M, 2 * M) for i in range(253)]),
+    (0, 254 * 2 * M, True, [(0, 254 * 2 * M)]),
+    (0, 1 << 51, True, [(0, 1 << 51)]),
 ])
 def test_psc_entries_of_one_exit(gpa, size, huge, entries):
     assert psc_entries(gpa, size, huge) == entries

@@ -31,7 +31,7 @@ def assert_golden(name: str, text: str) -> None:
     if os.environ.get("UPDATE_GOLDEN") == "1":
         path.write_text(text)
     assert path.exists(), f"{path} is missing: run with UPDATE_GOLDEN=1 to create it"
-    assert text == path.read_text()
+    assert text == path.read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")

@@ -332,7 +332,7 @@ def test_synth_help_lists_every_workload():
 
 
 def sample_commands() -> list[list[str]]:
-    script = (ROOT / "scripts" / "make_samples.sh").read_text()
+    script = (ROOT / "scripts" / "make_samples.sh").read_text(encoding="utf-8")
     return [shlex.split(line)[1:] for line in script.splitlines()
             if line.startswith("upmtrace synth ")]
 
@@ -340,7 +340,7 @@ def sample_commands() -> list[list[str]]:
 def test_make_samples_covers_every_workload_and_sample():
     made = {args[args.index("-o") + 1] for args in sample_commands()}
     assert made == {f"traces/{name}-1g.parquet" for name in WORKLOADS}
-    readme = (ROOT / "traces" / "README.md").read_text()
+    readme = (ROOT / "traces" / "README.md").read_text(encoding="utf-8")
     assert all(Path(m).name in readme for m in made)
 
 

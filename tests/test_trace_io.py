@@ -94,10 +94,10 @@ def test_parquet_uses_zstd(tmp_path, table):
 def test_jsonl_omits_nulls_and_csv_leaves_cells_empty(tmp_path, table):
     write_trace(table.slice(0, 1), tmp_path / "t.jsonl")
     write_trace(table.slice(0, 1), tmp_path / "t.csv")
-    assert (tmp_path / "t.jsonl").read_text() == (
+    assert (tmp_path / "t.jsonl").read_text(encoding="utf-8") == (
         '{"upmtrace":{"format":"1","platform":"snp"}}\n'
         '{"ts":0,"kind":"memslot","gpa":0,"size":1073741824,"slot":0,"gmem":true}\n')
-    assert (tmp_path / "t.csv").read_text().splitlines() == [
+    assert (tmp_path / "t.csv").read_text(encoding="utf-8").splitlines() == [
         "# upmtrace.format=1", "# upmtrace.platform=snp",
         '"ts","kind","vcpu","gpa","size","private","write","slot","gmem","req","op","agent",'
         '"latency"',
@@ -128,8 +128,8 @@ def test_reads_plain_strings_and_jsonl_blank_lines(tmp_path, table):
     pq.write_table(plain, tmp_path / "p.parquet")
     assert read_trace(tmp_path / "p.parquet").table.equals(table)
     write_trace(table, tmp_path / "t.jsonl", platform="tdx")
-    lines = (tmp_path / "t.jsonl").read_text().splitlines()
-    (tmp_path / "b.jsonl").write_text("\n\n" + "\n\n".join(lines) + "\n\n")
+    lines = (tmp_path / "t.jsonl").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "b.jsonl").write_text("\n\n" + "\n\n".join(lines) + "\n\n", encoding="utf-8")
     blank = read_trace(tmp_path / "b.jsonl")
     assert blank.table.equals(table)
     assert blank.platform is Platform.TDX

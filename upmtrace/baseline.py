@@ -60,7 +60,7 @@ class Baseline:
 def read_baseline(path: str | Path) -> Baseline:
     """Load and validate a baseline; every problem is one InputError naming the file."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError("no such baseline (create it with --update)", path=str(path)) from None
     except (OSError, UnicodeDecodeError) as err:

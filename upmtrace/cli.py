@@ -62,6 +62,11 @@ class Group(click.Group):
         except KeyboardInterrupt:  # Ctrl-C: 128 + SIGINT, as the shell reports it
             click.echo("Interrupted", err=True)
             ctx.exit(128 + signal.SIGINT)
+        except MemoryError:
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.echo("Error: out of memory (an input too large for this machine)", err=True)
+            ctx.exit(3)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

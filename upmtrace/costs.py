@@ -61,7 +61,7 @@ def default_costs() -> dict[str, int]:
 def load_costs(path: str | Path) -> dict[str, int]:
     """Defaults overridden by a TOML file of `category = ns`."""
     try:
-        data = tomllib.loads(Path(path).read_text())
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError("no such cost file", path=str(path)) from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:

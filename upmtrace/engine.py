@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 
 from upmtrace.attribution import Ledger, by_exit
 from upmtrace.costs import default_costs, estimate
+from upmtrace.errors import InputError
 from upmtrace.model.bits import block_spans
 from upmtrace.model.machine import POPULATE_LIMIT_PAGES, PRIVATE, SHARED, Machine
 from upmtrace.policy import PRESETS, Policy
@@ -237,6 +238,10 @@ class Engine:
         if self.platform is Platform.TDX:
             count["exits.vm.tdvmcall"] += 1
             if self.policy.exits != "batched":
+                if size > POPULATE_LIMIT_PAGES * PAGE_SIZE:  # one conversion per 2 MiB chunk
+                    raise InputError(f"map_gpa of {size:#x} bytes at gpa {gpa:#x} would make "
+                                     "more 2 MiB chunks than the model's limit of 1 TiB in one "
+                                     "event")
                 for start in range(gpa, gpa + size, BLOCK_SIZE):
                     count["exits.userspace.KVM_EXIT_HYPERCALL"] += 1
                     self.convert_bytes(start, min(BLOCK_SIZE, gpa + size - start), private)

@@ -77,7 +77,7 @@ OnRow = Callable[[dict[str, Any]], None] | None
 
 def read_fleet_baseline(path: str) -> FleetBaseline:
     try:
-        doc = loads(Path(path).read_text())
+        doc = loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError("no such fleet baseline (create it with --update)", path=path) from None
     except (OSError, UnicodeDecodeError) as err:

@@ -59,6 +59,7 @@ KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
 MAP_GPA_ENCRYPTED = 1 << 4
 MAP_GPA_PAGE_SIZE_MASK = 0xF
 MAP_GPA_PAGE_SZ_2M = 1
+PSC_MAX_COUNT = 253  # VMGEXIT_PSC_MAX_COUNT: the most entries KVM accepts in one PSC request
 HANDLED = ("kvm_set_user_memory", "kvm_memory_fault", "kvm_hc_map_gpa_range",
            "kvm_convert_memory", "kvm_sev_snp_launch_update", "kvm_tdx_init_mem_region")
 
@@ -80,8 +81,11 @@ def iso_ns(m: re.Match) -> int:
 
 
 def psc_entries(gpa: int, size: int, huge: bool) -> list[tuple[int, int]]:
-    """The entries of one KVM exit (one run of a GHCB request) as psc rows' (gpa, size)."""
-    if huge and gpa % BLOCK_SIZE == 0 and size % BLOCK_SIZE == 0:
+    """The entries of one KVM exit (one run of a GHCB request) as psc rows' (gpa, size). A 2 MiB
+    run longer than one request can hold came from no GHCB: it is kept whole (a 4 KiB-class
+    entry), so that one line never becomes an unbounded number of rows."""
+    if huge and gpa % BLOCK_SIZE == 0 and size % BLOCK_SIZE == 0 \
+            and size // BLOCK_SIZE <= PSC_MAX_COUNT:
         return [(start, BLOCK_SIZE) for start in range(gpa, gpa + size, BLOCK_SIZE)]
     if size == BLOCK_SIZE and gpa % BLOCK_SIZE:
         # a coalesced 4 KiB run of exactly 2 MiB, unaligned: split so that no entry looks
