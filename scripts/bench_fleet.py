@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from upmtrace.fleet import DaskExecutor, Executor, Fleet, LocalExecutor, find_traces, run
+from upmtrace.fleet.executors import DaskExecutor, Executor, LocalExecutor
+from upmtrace.fleet.pairs import Fleet, find_traces, run
 from upmtrace.policy import PRESETS
 from upmtrace.trace.io import write_trace
 from upmtrace.trace.synth import WORKLOADS, format_size, synthesize

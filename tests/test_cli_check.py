@@ -6,14 +6,13 @@ import json
 import os
 import xml.etree.ElementTree as ET
 from fractions import Fraction
-from xml.etree import ElementTree
 
 import pytest
 from click.testing import CliRunner
 from scenario import K, M, attrs, memslot, npf, psc, table
 
 from upmtrace.cli import cli
-from upmtrace.gate import expand_metrics, status
+from upmtrace.gate.check import expand_metrics, status
 from upmtrace.trace.io import read_trace, write_trace
 
 # One PSC request with a run of two contiguous entries: one exit coalesced, two per entry.
@@ -166,12 +165,6 @@ def test_another_policy_name_is_exit_3(trace, baseline):
     assert run("check", trace, "--baseline", baseline, "--policy", "eager").exit_code == 0
 
 
-def junit_policy(path) -> str:
-    """The policy a check ran, from its JUnit XML (text output may wrap a long path)."""
-    props = ElementTree.parse(path).getroot().find("testsuite/properties")
-    return {p.get("name"): p.get("value") for p in props}["policy"]
-
-
 def test_a_toml_policy_of_the_same_name_with_other_knobs_is_compared(tmp_path, trace):
     policy = tmp_path / "mine.toml"
     policy.write_text('exits = "coalesce"\n')
@@ -179,10 +172,8 @@ def test_a_toml_policy_of_the_same_name_with_other_knobs_is_compared(tmp_path, t
     assert run("check", trace, "--baseline", path, "--policy", str(policy),
                "--update").exit_code == 0
     policy.write_text('exits = "per-entry"\n')
-    junit = tmp_path / "j.xml"
-    result = run("check", trace, "--baseline", path, "--policy", str(policy), "--junit",
-                 str(junit))
-    assert result.exit_code == 1 and junit_policy(junit) == "mine"
+    result = run("check", trace, "--baseline", path, "--policy", str(policy), "--format", "json")
+    assert result.exit_code == 1 and json.loads(result.output)["policy"] == "mine"
     # without --policy the baseline's recorded knobs are used, not the edited file
     assert run("check", trace, "--baseline", path).exit_code == 0
 
@@ -191,14 +182,13 @@ def test_without_policy_the_baselines_policy_replays(tmp_path, trace):
     path = str(tmp_path / "b.json")
     run("check", trace, "--baseline", path, "--update", "--policy", "sg", "--set",
         "dealloc=lazy")
-    junit = tmp_path / "j.xml"
-    result = run("check", trace, "--baseline", path, "--junit", str(junit))
-    assert result.exit_code == 0 and junit_policy(junit) == "sg+dealloc=lazy"
-    # --update without --policy keeps the baseline's policy
+    result = run("check", trace, "--baseline", path, "--format", "json")
+    assert result.exit_code == 0 and json.loads(result.output)["policy"] == "sg+dealloc=lazy"
+    # --update without --policy keeps the baseline's policy (its name includes the override)
     run("check", trace, "--baseline", path, "--update")
     policy = json.loads(open(path, encoding="utf-8").read())["report"]["policy"]
-    assert (policy["name"], policy["exits"], policy["dealloc"]) == ("sg+dealloc=lazy", "batched",
-                                                                  "lazy")
+    assert (policy["name"], policy["exits"], policy["dealloc"]) == (
+        "sg+dealloc=lazy", "batched", "lazy")
 
 
 def test_platform_other_than_the_baselines_is_exit_3(trace, baseline):

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from scenario import K, M, attrs, host, memslot, npf, psc, table
 
 from upmtrace.cli import cli
-from upmtrace.compare import compare
+from upmtrace.fleet.compare import compare
 from upmtrace.policy import PRESETS
 from upmtrace.trace.io import read_trace, write_trace
 

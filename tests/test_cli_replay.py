@@ -42,7 +42,10 @@ def test_replay_table_names_the_policy_and_exit_reasons(trace):
     result = run("replay", trace, "--policy", "lazy")
     assert result.exit_code == 0
     assert "policy lazy" in result.output and "KVM_EXIT_HYPERCALL" in result.output
-    assert "Total Samples" in result.output
+    assert "Total Samples" not in result.output  # VM and userspace exits are not added up
+    assert [cells(line)[0] for line in result.output.splitlines()
+            if line.startswith("│") and ("exits" in line or "total" in line)] == [
+        "VM exits", "total", "Userspace exits", "total"]
 
 
 def test_set_overrides_a_knob_and_output_is_written(trace, tmp_path):
@@ -154,7 +157,7 @@ def test_replay_shows_recorded_versus_model(tmp_path):
     assert any("Recorded" in line and "Diff" in line for line in lines)
     hypercall = next(line for line in lines if "KVM_EXIT_HYPERCALL" in line)
     assert hypercall.split("│")[-3].strip() == "3" and hypercall.split("│")[-2].strip() == "-2"
-    npf_line = next(line for line in lines if "│ npf " in line)
+    npf_line = next(line for line in lines if "│   npf " in line)
     assert npf_line.split("│")[-2].strip() == "+0"
 
 
@@ -163,11 +166,15 @@ def test_total_is_compared_over_the_recorded_levels_only(tmp_path):
     recorded = {"exits": {"userspace": {"KVM_EXIT_HYPERCALL": 1}}}  # a QEMU log: no VM exits
     write_trace(table(memslot(0, 0, 4 * M), npf(0, True), psc(0, 8 * K, "shared")), path,
                 recorded=recorded)
-    total = next(line for line in run("replay", str(path)).output.splitlines()
-                 if "Total Samples" in line)
-    cells = [c.strip() for c in total.split("│")]
-    # model: 3 VM exits + 2 userspace = 5 samples; recorded 1 userspace vs model's 2
-    assert cells[2] == "5" and cells[-3] == "1" and cells[-2] == "+1"
+    vm_total, user_total = [cells(line) for line in run("replay", str(path)).output.splitlines()
+                            if "│   total" in line]
+    # model: 3 VM exits, 2 userspace; the recording counted 1 userspace exit and no VM exit
+    assert vm_total == ["total", "3", "100.00%", "6.00 us", "-", "-"]
+    assert user_total[:2] == ["total", "2"] and user_total[-2:] == ["1", "+1"]
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.split("│")[1:-1]]
 
 
 def test_vfio_pinned_memory_shows_in_the_table_and_json(trace, monkeypatch, tmp_path):

@@ -15,19 +15,19 @@ from scenario import K, M, attrs, memslot, npf, table
 from upmtrace.cli import cli
 from upmtrace.engine import replay
 from upmtrace.errors import InputError
-from upmtrace.fleet import (
+from upmtrace.fleet.executors import LocalExecutor
+from upmtrace.fleet.pairs import (
     METRICS,
     RESULT_SCHEMA,
     Fleet,
-    LocalExecutor,
     find_traces,
     flatten,
     replay_pair,
     run,
-    summarize,
 )
+from upmtrace.fleet.summary import summarize
 from upmtrace.policy import PRESETS
-from upmtrace.trace.io import read_trace, write_trace
+from upmtrace.trace.io import IMPORT_HINT, read_trace, write_trace
 
 SIZES = (1, 2, 4, 10)  # pages each trace first touches private, then shared
 
@@ -108,7 +108,7 @@ def test_the_results_file_is_never_a_trace(fleet_dir):
               "*.csv)"),
     ("*.nothing", "no trace file matches '*.nothing'"),
     ("notes.txt", "notes.txt: not a trace file name (expected *.parquet, *.arrow, *.feather, "
-                  "*.jsonl, *.csv)"),
+                  f"*.jsonl, *.csv); {IMPORT_HINT}"),
 ])
 def test_naming_no_trace_is_an_input_error(tmp_path, monkeypatch, arg, message):
     monkeypatch.chdir(tmp_path)
@@ -282,8 +282,8 @@ def test_dask_missing_is_a_usage_error(fleet_dir, monkeypatch):
 
 
 def test_the_core_does_not_import_dask():
-    code = ("import sys, upmtrace, upmtrace.cli, upmtrace.fleet, upmtrace.fleet_gate, "
-            "upmtrace.report.fleet; "
+    code = ("import sys, upmtrace, upmtrace.cli, upmtrace.fleet.pairs, upmtrace.fleet.summary, "
+            "upmtrace.fleet.compare, upmtrace.gate.fleet, upmtrace.report.fleet; "
             "assert not {'dask', 'distributed'} & set(sys.modules), 'dask imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -386,3 +386,13 @@ def test_fleet_check_refuses_another_fleet_or_a_failed_pair(fleet_dir, tmp_path)
     missing = run_cli("fleet", "check", fleet_dir, "--baseline", tmp_path / "none.json")
     assert error_line(missing) == (f"Error: {tmp_path / 'none.json'}: no such fleet baseline "
                                    "(create it with --update)")
+
+
+def test_every_numeric_report_key_is_a_result_column(fleet_dir):
+    """A key the report gains must become a column (and so a total, and a sweep objective)."""
+    report = replay(read_trace(fleet_dir / "flip-02.parquet"), PRESETS["eager"]).report
+    per_run = ("schema", "trace.", "policy.", "recorded.", "timing.", "cost.by_exit.",
+               "cost.estimate")
+    numeric = {k for k, v in flatten(report) if isinstance(v, int | float)
+               and not isinstance(v, bool) and not k.startswith(per_run)}
+    assert numeric - set(METRICS) == set()

@@ -13,6 +13,7 @@ import gzip
 import json
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from scenario import K, M, attrs, host, memslot, npf, psc, table
 from upmtrace.cli import cli
 from upmtrace.costs import DEFAULTS
 from upmtrace.policy import KNOBS
-from upmtrace.trace.io import write_trace
+from upmtrace.trace.io import IMPORT_HINT, write_trace
 
 HOSTILE = Path(__file__).parent / "fixtures" / "hostile"
 GOOD = "good.parquet"
@@ -102,6 +103,12 @@ def fails(args: list[str], code: int, message: str, folder: Path) -> None:
     after = snapshot(folder)
     assert after.keys() == before.keys(), f"files added or removed: {after.keys() ^ before.keys()}"
     changed = [name for name in before if before[name] != after[name]]
+    if "--junit" in args and code == 3:  # the JUnit file always tells CI what happened
+        junit = args[args.index("--junit") + 1]
+        assert junit in changed, changed
+        error = ET.parse(folder / junit).find("testsuite/testcase/error")
+        assert error is not None and error.get("message") == lines[0]
+        changed.remove(junit)
     assert not changed, f"changed by a failing run: {changed}"
     assert not list(folder.glob(".*.tmp"))
 
@@ -167,10 +174,10 @@ TRACE_CASES = [
     *[Case(f"empty-{s}", f"t.{s}", raw(b""), f"t.{s}: file is empty")
       for s in ("parquet", "arrow", "jsonl", "csv")],
     Case("directory", "d.parquet", lambda p: p.mkdir(),
-         "d.parquet: is a directory, not a trace file"),
+         f"d.parquet: is a directory, not a trace file ({IMPORT_HINT})"),
     Case("unknown-suffix", "t.txt", text("hello\n"),
          "t.txt: unknown trace format '.txt' (supported: .parquet, .arrow, .feather, .jsonl, "
-         ".csv)"),
+         f".csv); {IMPORT_HINT}"),
     Case("truncated-parquet", "t.parquet", truncated(0.5),
          f"t.parquet: {PARQUET_NOT_PARQUET}"),
     Case("random-bytes-parquet", "t.parquet", raw(bytes(range(256)) * 3),

@@ -1,4 +1,5 @@
-"""Golden files for the replay, compare and check renderers, at fixed widths (100; replay also 80).
+"""Golden files for the replay, compare and check renderers, at fixed widths (100; replay also 80)
+and as rendered off a terminal (width None: each table as wide as it needs).
 
 A renderer change shows up as a diff of tests/golden/*. To accept it, regenerate on purpose and
 review the diff:  UPDATE_GOLDEN=1 pytest tests/test_report_golden.py
@@ -14,9 +15,9 @@ import pytest
 from scenario import table
 from test_cli_compare import ROWS
 
-from upmtrace.compare import compare
 from upmtrace.engine import Result, replay
-from upmtrace.gate import Outcome, Verdict, status
+from upmtrace.fleet.compare import compare
+from upmtrace.gate.check import Outcome, TraceDelta, Verdict, status
 from upmtrace.policy import PRESETS
 from upmtrace.report import check as check_report
 from upmtrace.report import compare as compare_report
@@ -86,3 +87,29 @@ def test_replay_table(replayed, width):
 def test_replay_table_without_recorded_counts(replayed):
     plain = Result({**replayed.report, "recorded": {}})
     assert_golden("replay_table_plain_80.txt", replay_report.render(plain, 80))
+
+
+def test_compare_four_policies_off_a_terminal():
+    policies = [PRESETS["eager"], PRESETS["lazy"], PRESETS["sg"],
+                PRESETS["hugepool"].with_sets(("lazy_limit=1T",))]
+    comparison = compare(table(*ROWS), policies, workers=1)
+    text = compare_report.render_table(comparison, None)
+    assert "…" not in text
+    assert_golden("compare_table_4_plain.txt", text)
+
+
+def test_replay_tdx_off_a_terminal():
+    report = replay(table(*ROWS), PRESETS["eager"], platform="tdx").report
+    assert_golden("replay_table_tdx_plain.txt", replay_report.render(Result(report), None))
+
+
+def test_fleet_check_table_and_junit(outcome):
+    fleet = Outcome(
+        tuple(Verdict(f"eager:{v.metric}", v.baseline, v.now, v.status)
+              for v in outcome.verdicts[:3]), outcome.tolerance, "eager", "fleet.json",
+        "a fleet of 3 traces",
+        traces=(TraceDelta("eager:exits.userspace.KVM_EXIT_HYPERCALL", "traces/b.parquet", 0, 1),
+                TraceDelta("eager:exits.userspace_total", "traces/b.parquet", 0, 1),
+                TraceDelta("eager:exits.userspace_total", "traces/new.parquet", None, 1)))
+    assert_golden("fleet_check_table_plain.txt", check_report.render_table(fleet, None))
+    assert_golden("fleet_check_junit.xml", check_report.render_junit(fleet))

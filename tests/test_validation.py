@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from upmtrace.cli import cli
-from upmtrace.trace.io import from_rows, read_trace, write_trace
+from upmtrace.trace.io import IMPORT_HINT, from_rows, read_trace, write_trace
 from upmtrace.trace.validate import validate
 
 HEADER = "ts,kind,vcpu,gpa,size,private,write,slot,gmem,req,op,agent"
@@ -221,12 +221,12 @@ def test_empty_file(tmp_path, name):
 def test_unknown_extension(tmp_path):
     (tmp_path / "t.txt").write_text("hello")
     assert_error("t.txt", "t.txt: unknown trace format '.txt' (supported: .parquet, .arrow, "
-                          ".feather, .jsonl, .csv)")
+                          f".feather, .jsonl, .csv); {IMPORT_HINT}")
 
 
 def test_directory(tmp_path):
     (tmp_path / "d.parquet").mkdir()
-    assert_error("d.parquet", "d.parquet: is a directory, not a trace file")
+    assert_error("d.parquet", f"d.parquet: is a directory, not a trace file ({IMPORT_HINT})")
 
 
 def _valid_bytes(tmp_path, name: str) -> bytes:

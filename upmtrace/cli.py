@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import signal
 import sys
 import traceback
+from typing import NamedTuple
 
 import click
 
+from upmtrace.atomic import Out, check_outputs, size_of, trace_binary
 from upmtrace.errors import UpmtraceError
+
+INTERRUPTED = 128 + signal.SIGINT  # 130; SIGTERM is 143 (main)
 
 
 def parse_size(text: str) -> int:
@@ -59,9 +65,9 @@ class Group(click.Group):
                 traceback.print_exc()
             click.echo(f"Error: {err}", err=True)
             ctx.exit(err.exit_code)
-        except KeyboardInterrupt:  # Ctrl-C: 128 + SIGINT, as the shell reports it
+        except KeyboardInterrupt:  # never 1, which is `check`'s "regression"
             click.echo("Interrupted", err=True)
-            ctx.exit(128 + signal.SIGINT)
+            ctx.exit(INTERRUPTED)
         except MemoryError:
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
@@ -81,6 +87,54 @@ def cli(ctx: click.Context, debug: bool) -> None:
 PLATFORM = click.Choice(["snp", "tdx", "sw"])
 
 
+def _debug(ctx: click.Context, _param, value: bool) -> None:
+    if value and ctx.find_root().obj is not None:
+        ctx.find_root().obj["debug"] = True
+
+
+DEBUG = click.Option(["--debug"], is_flag=True, expose_value=False, callback=_debug,
+                     help="Show a traceback with errors (also accepted before the command).")
+
+
+# --- where output goes -----------------------------------------------------------------------
+
+
+class Screen(NamedTuple):
+    """How a table is drawn: a terminal's width and colours, or (None) as wide as it needs."""
+
+    width: int | None
+    color: bool
+
+
+def screen(stream=None) -> Screen:
+    """A terminal: its width, colour unless NO_COLOR is set. Anything else (a CI log, a file, a
+    pipe): tables as wide as they need, never cut or wrapped, and no colour."""
+    import shutil
+
+    if not (stream or sys.stdout).isatty():
+        return Screen(None, False)
+    return Screen(shutil.get_terminal_size().columns, not os.environ.get("NO_COLOR"))
+
+
+FILE = Screen(None, False)  # what a report written to --output is drawn for
+
+
+def say(text: str, aside: bool) -> None:
+    """The command's own text (a table, `wrote ...`): on standard error when `aside` (an
+    output took standard output)."""
+    click.echo(text if text.endswith("\n") else text + "\n", nl=False, err=aside)
+
+
+def emit(text: str, output: str | None) -> None:
+    """The report: printed, or written to --output (atomically; `-` is standard output)."""
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        from upmtrace.atomic import write_text
+
+        write_text(output, text)
+
+
 # --- trace commands (info, synth) ---------------------------------------------------------
 
 
@@ -90,19 +144,20 @@ PLATFORM = click.Choice(["snp", "tdx", "sw"])
               show_default=True, help="Output format.")
 @click.option("--platform", type=PLATFORM, default=None,
               help="Override the trace's platform (default: its metadata, else snp).")
-def info(trace: str, fmt: str, platform: str | None) -> None:
+@click.option("-o", "--output", default=None, metavar="FILE",
+              help="Write the summary to FILE (atomically) instead of stdout.")
+def info(trace: str, fmt: str, platform: str | None, output: str | None) -> None:
     """Show what TRACE holds: events by kind, vCPUs, time span, memslots, platform.
 
     TRACE is a .parquet, .arrow/.feather, .jsonl or .csv file; it is validated first.
     """
-    import shutil
-
     from upmtrace.report.info import RENDERERS
     from upmtrace.trace.info import summarize
     from upmtrace.trace.io import read_trace
 
+    check_outputs(Out(output, "--output"))
     summary = summarize(read_trace(trace, platform=platform))
-    click.echo(RENDERERS[fmt](summary, shutil.get_terminal_size().columns), nl=False)
+    emit(RENDERERS[fmt](summary, (screen() if output is None else FILE).width), output)
 
 
 def _synth_help() -> str:
@@ -121,8 +176,9 @@ def _workload_names() -> list[str]:
 
 @cli.command(help=_synth_help())
 @click.argument("workload", type=click.Choice(_workload_names()), metavar="WORKLOAD")
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
-              help="Trace file to write (.parquet, .arrow/.feather, .jsonl, .csv).")
+@click.option("-o", "--output", "out", required=True, metavar="FILE",
+              help="Trace file to write (.parquet, .arrow/.feather, .jsonl, .csv; - for "
+                   "Parquet on standard output).")
 @click.option("--memory", type=SizeType(), default="1G", show_default=True,
               help="Guest memory (multiple of 2M, 256M..256G).")
 @click.option("--vcpus", type=click.IntRange(1, 512), default=4, show_default=True,
@@ -133,23 +189,20 @@ def _workload_names() -> list[str]:
               help="Platform recorded in the trace (default: the workload's).")
 def synth(workload: str, out: str, memory: int, vcpus: int, seed: int,
           platform: str | None) -> None:
-    import os
-
     from upmtrace.trace.io import write_trace
     from upmtrace.trace.synth import synthesize
-    from upmtrace.units import human_bytes
 
+    aside = check_outputs(Out(out, "-o", trace_binary(out)))
     result = synthesize(workload, memory=memory, vcpus=vcpus, seed=seed, platform=platform)
     write_trace(result.table, out, platform=result.platform, source=result.source)
-    click.echo(f"{result.table.num_rows} rows written to {out} "
-               f"({human_bytes(os.path.getsize(out))})")
+    say(f"{result.table.num_rows} rows written to {out}{size_of(out)}", aside)
 
 
 @cli.command("import")
 @click.argument("logs", nargs=-1, required=True, metavar="LOG...")
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--output", "out", required=True, metavar="FILE",
               help="Trace file to write (.parquet is streamed; .arrow/.feather, .jsonl and .csv "
-                   "are built in memory).")
+                   "are built in memory; - for Parquet on standard output).")
 @click.option("--from", "fmt", type=click.Choice(["ftrace", "qemu"]), default=None,
               help="Log format: ftrace (ftrace text, trace-cmd report, perf script) or qemu "
                    "(-trace log). Default: detected per file.")
@@ -181,7 +234,8 @@ def import_cmd(logs: tuple[str, ...], out: str, fmt: str | None, platform: str |
                       memslots=tuple(parse_memslot(m) for m in memslots),
                       initial_private=initial_attributes == "private",
                       shared_bit=int(shared_bit))
-    click.echo(render(import_logs(logs, out, options)), nl=False)
+    aside = check_outputs(Out(out, "-o", trace_binary(out)))
+    say(render(import_logs(logs, out, options)), aside)
 
 
 @cli.command()
@@ -254,22 +308,6 @@ def policy_options(f):
     return f
 
 
-def width() -> int:
-    import shutil
-
-    return shutil.get_terminal_size().columns
-
-
-def emit(text: str, output: str | None) -> None:
-    """Print, or write atomically to --output."""
-    if output is None:
-        click.echo(text, nl=False)
-    else:
-        from upmtrace.atomic import write_text
-
-        write_text(output, text)
-
-
 @cli.command()
 @click.argument("trace", metavar="TRACE")
 @click.option("--policy", "policy_spec", default="eager", show_default=True,
@@ -277,14 +315,16 @@ def emit(text: str, output: str | None) -> None:
 @policy_options
 @click.option("--platform", type=PLATFORM, default=None,
               help="Override the trace's platform (default: its metadata, else snp).")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
-              show_default=True, help="Output format; json is the report of docs/report.md.")
-@click.option("--output", type=click.Path(dir_okay=False), default=None,
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+              show_default=True, help="Output format; json is the report of docs/report.md, "
+                                      "csv its keys as key,value rows.")
+@click.option("-o", "--output", default=None, metavar="FILE",
               help="Write the report to FILE (atomically) instead of stdout.")
-@click.option("--timeline", type=click.Path(dir_okay=False), default=None,
-              help="Also write counters sampled over the trace's time to FILE (.parquet|.csv).")
+@click.option("--timeline", default=None, metavar="FILE",
+              help="Also write counters sampled over the trace's time to FILE (.parquet|.csv; - "
+                   "for CSV on standard output).")
 @click.option("--timeline-rows", type=click.IntRange(1), default=1000, show_default=True,
-              help="At most this many timeline samples (plus the final state).")
+              help="At most this many timeline samples; the last is the final state.")
 @click.option("--paranoid", is_flag=True, help="Check every model invariant after every event.")
 @click.option("--by-vcpu", is_flag=True,
               help="Break events and recorded exit time down per vCPU (JSON: by_vcpu).")
@@ -295,23 +335,30 @@ def replay(trace: str, policy_spec: str, overrides: tuple[str, ...], costs_file:
     from upmtrace.costs import load_costs
     from upmtrace.engine import replay as run
     from upmtrace.policy import load_policy
-    from upmtrace.progress import progress, tracked
+    from upmtrace.progress import watched
     from upmtrace.report import RENDERERS
-    from upmtrace.timeline import Timeline, check_path
+    from upmtrace.timeline import Timeline, check_path, is_parquet
     from upmtrace.trace.io import read_trace
 
     policy = load_policy(policy_spec, overrides)
     costs = load_costs(costs_file) if costs_file else None
     if timeline:
         check_path(timeline)
+    aside = check_outputs(Out(output, "--output"), Out(
+        timeline, "--timeline", "Parquet" if timeline and is_parquet(timeline) else None))
     loaded = read_trace(trace, platform=platform)
     sampler = Timeline.over(loaded, timeline_rows) if timeline else None
-    with progress(loaded.events) as advance:
-        result = run(tracked(loaded, advance), policy, costs=costs, paranoid=paranoid,
-                     timeline=sampler, by_vcpu=by_vcpu)
+    with watched(loaded, slow=paranoid) as events:
+        result = run(events, policy, costs=costs, paranoid=paranoid, timeline=sampler,
+                     by_vcpu=by_vcpu)
     if sampler:
         sampler.write(timeline)
-    emit(RENDERERS[fmt](result, width()), output)
+    shown = FILE if output else screen(sys.stderr if aside else None)
+    text = RENDERERS[fmt](result, shown.width, color=shown.color)
+    if output is None and aside:
+        say(text, aside)
+    else:
+        emit(text, output)
 
 
 @cli.command()
@@ -320,7 +367,7 @@ def policies() -> None:
     from upmtrace.policy import KNOBS, PRESET_NOTES, PRESETS
     from upmtrace.report.table import policies_table
 
-    click.echo(policies_table(PRESETS, PRESET_NOTES, KNOBS, width()), nl=False)
+    click.echo(policies_table(PRESETS, PRESET_NOTES, KNOBS, screen().width), nl=False)
 
 
 @cli.command()
@@ -333,7 +380,7 @@ def policies() -> None:
               help="Override the trace's platform (default: its metadata, else snp).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True, help="Output format; json holds every report (docs/report.md).")
-@click.option("--output", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--output", default=None, metavar="FILE",
               help="Write the comparison to FILE (atomically) instead of stdout.")
 def compare(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...],
             costs_file: str | None, platform: str | None, fmt: str, output: str | None) -> None:
@@ -342,22 +389,24 @@ def compare(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...
     The trace is read once; the policies replay in parallel processes. --set applies to every
     policy. In the table the lowest value of each row is marked with `*`.
     """
-    from upmtrace.compare import check_policies, default_workers
-    from upmtrace.compare import compare as run
     from upmtrace.costs import load_costs
+    from upmtrace.fleet.compare import check_policies, default_workers
+    from upmtrace.fleet.compare import compare as run
     from upmtrace.policy import load_policy
-    from upmtrace.progress import progress, tracked
+    from upmtrace.progress import watched
     from upmtrace.report.compare import RENDERERS
     from upmtrace.trace.io import read_trace
 
     policies = [load_policy(spec, overrides) for spec in policy_specs]
     check_policies(policies)
     costs = load_costs(costs_file) if costs_file else None
+    check_outputs(Out(output, "--output"))
     loaded = read_trace(trace)
     in_process = default_workers(len(policies), loaded.events) == 1
-    with progress(loaded.events * len(policies) if in_process else 0) as advance:
-        comparison = run(tracked(loaded, advance), policies, platform=platform, costs=costs)
-    emit(RENDERERS[fmt](comparison, width()), output)
+    with watched(loaded, times=len(policies) if in_process else 0) as events:
+        comparison = run(events, policies, platform=platform, costs=costs)
+    shown = FILE if output else screen()
+    emit(RENDERERS[fmt](comparison, shown.width, color=shown.color), output)
 
 
 @cli.command()
@@ -367,8 +416,8 @@ def compare(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...
 @policy_options
 @click.option("--platform", type=PLATFORM, default=None,
               help="Override the trace's platform (default: its metadata, else snp).")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Image to write (atomically): .png or .svg.")
+@click.option("-o", "--output", required=True, metavar="FILE",
+              help="Image to write (atomically): .png or .svg (- for PNG on standard output).")
 @click.option("--timeline-rows", type=click.IntRange(2), default=1000, show_default=True,
               help="Samples per curve.")
 def plot(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...],
@@ -387,10 +436,11 @@ def plot(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...],
     from upmtrace.timeline import Timeline
     from upmtrace.trace.io import read_trace
 
-    fmt = format_of(output)
+    fmt = "png" if output == "-" else format_of(output)
     policies = [load_policy(spec, overrides) for spec in policy_specs]
     check_distinct(policies, "the plot's curves are named by policy")
     costs = load_costs(costs_file) if costs_file else None
+    aside = check_outputs(Out(output, "-o", "PNG" if fmt == "png" else None))
     loaded = read_trace(trace, platform=platform)
     series = []
     with progress(loaded.events * len(policies)) as advance:
@@ -402,13 +452,13 @@ def plot(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...],
     title = f"{trace}: {r['events']:,} events, platform {r['platform']}"
     image = render(series, fmt, title=title, costs=costs)
     write_atomic(output, lambda f: f.write(image))
-    click.echo(f"wrote {output} ({', '.join(p.name for p in policies)})")
+    say(f"wrote {output} ({', '.join(p.name for p in policies)})", aside)
 
 
 @cli.command()
 @click.argument("trace", metavar="TRACE")
-@click.option("--baseline", required=True, type=click.Path(dir_okay=False),
-              help="The baseline JSON file (written by --update).")
+@click.option("--baseline", required=True, metavar="FILE",
+              help="The baseline JSON file (written by --update; its folder is created).")
 @click.option("--policy", "policy_spec", default=None,
               help="The baseline's policy, possibly with edited knobs (default: the policy "
                    "recorded in the baseline).")
@@ -424,13 +474,18 @@ def plot(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...],
               help="Accept a trace whose sha256 differs from the baseline's.")
 @click.option("--update", is_flag=True,
               help="Replay and (re)write the baseline instead of checking against it.")
-@click.option("--junit", type=click.Path(dir_okay=False), default=None,
-              help="Also write a JUnit XML file: one testcase per guarded metric.")
+@click.option("--junit", default=None, metavar="FILE",
+              help="Also write a JUnit XML file, whatever the outcome: one testcase per guarded "
+                   "metric, or one error (missing baseline, ...), or the update.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True, help="Output format; json is upmtrace.check.v1.")
+@click.option("-o", "--output", default=None, metavar="FILE",
+              help="Write the outcome to FILE (atomically) instead of stdout.")
 @click.pass_context
 def check(ctx: click.Context, trace: str, baseline: str, policy_spec: str | None,
           overrides: tuple[str, ...], costs_file: str | None, platform: str | None,
           tolerance: float | None, metrics: tuple[str, ...], allow_trace_change: bool,
-          update: bool, junit: str | None) -> None:
+          update: bool, junit: str | None, fmt: str, output: str | None) -> None:
     """CI gate: exit 1 when a guarded metric of TRACE grew beyond the tolerance over BASELINE.
 
     Exit 0 when nothing regressed, 1 on a regression, 3 when the baseline is missing or broken,
@@ -439,26 +494,75 @@ def check(ctx: click.Context, trace: str, baseline: str, policy_spec: str | None
     """
     from fractions import Fraction
 
-    from upmtrace import gate
-    from upmtrace.atomic import write_text
     from upmtrace.costs import load_costs
+    from upmtrace.gate import check as gate
+    from upmtrace.progress import watched
+
+    aside = check_outputs(Out(baseline if update else None, "--baseline", parents=True),
+                          Out(junit, "--junit", parents=True), Out(output, "--output"))
+    with junit_always(junit, f"upmtrace check {trace}"):
+        request = gate.Request(
+            baseline, policy_spec, overrides,
+            load_costs(costs_file) if costs_file else None, platform,
+            None if tolerance is None else Fraction(str(tolerance)), metrics,
+            allow_trace_change)
+        if update:
+            written = gate.update(trace, request, watched)
+            note = (f"wrote {baseline}: policy {written.result.report['policy']['name']}, "
+                    f"{len(written.metrics)} guarded metrics, tolerance "
+                    f"{float(written.tolerance):g}%")
+            _write_junit_update(junit, f"upmtrace check {trace}", note)
+            say(note, aside)
+            return
+        outcome = gate.check(trace, request, watched)
+    report_outcome(outcome, fmt, output, junit, aside)
+    ctx.exit(1 if outcome.regressions else 0)
+
+
+def report_outcome(outcome, fmt: str, output: str | None, junit: str | None,
+                   aside: bool) -> None:
+    """A gate's outcome: the report (stdout, or --output), and the JUnit file."""
+    from upmtrace.atomic import write_text
     from upmtrace.report.check import RENDERERS
 
-    request = gate.Request(
-        baseline, policy_spec, overrides,
-        load_costs(costs_file) if costs_file else None, platform,
-        None if tolerance is None else Fraction(str(tolerance)), metrics, allow_trace_change)
-    if update:
-        written = gate.update(trace, request)
-        click.echo(f"wrote {baseline}: policy {written.result.report['policy']['name']}, "
-                   f"{len(written.metrics)} guarded metrics, tolerance "
-                   f"{float(written.tolerance):g}%")
-        return
-    outcome = gate.check(trace, request)
-    click.echo(RENDERERS["table"](outcome, width()), nl=False)
     if junit:
-        write_text(junit, RENDERERS["junit"](outcome, width()))
-    ctx.exit(1 if outcome.regressions else 0)
+        write_text(junit, RENDERERS["junit"](outcome), make_parents=True)
+    shown = FILE if output else screen(sys.stderr if aside else None)
+    text = RENDERERS[fmt](outcome, shown.width, color=shown.color)
+    if output is None and aside:
+        say(text, aside)
+    else:
+        emit(text, output)
+
+
+def _write_junit_update(junit: str | None, suite: str, note: str) -> None:
+    if junit:
+        from upmtrace.atomic import write_text
+        from upmtrace.report.check import junit_update
+
+        write_text(junit, junit_update(suite, note), make_parents=True)
+
+
+class junit_always:  # noqa: N801 - used as a context manager, like contextlib's
+    """An error inside (missing or broken baseline, changed trace) is also written to the
+    JUnit file, as an error testcase, before it is reported: CI always finds the file."""
+
+    def __init__(self, junit: str | None, suite: str) -> None:
+        self.junit, self.suite = junit, suite
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, err, _tb) -> None:
+        if self.junit and isinstance(err, UpmtraceError):
+            from upmtrace.atomic import write_text
+            from upmtrace.report.check import junit_error
+
+            try:
+                write_text(self.junit, junit_error(self.suite, f"Error: {err}"),
+                           make_parents=True)
+            except UpmtraceError:
+                pass  # the JUnit file itself cannot be written: the first error says enough
 
 
 # --- fleet (run, check) --------------------------------------------------------------------
@@ -479,8 +583,10 @@ def fleet_options(f):
         click.argument("traces", nargs=-1, required=True, metavar="TRACES..."),
         click.option("--platform", type=PLATFORM, default=None,
                      help="Override every trace's platform (default: each trace's metadata)."),
-        click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-                     help="Write the results table (one row per pair) to FILE.parquet."),
+        click.option("-o", "--output", default=None, metavar="FILE",
+                     help="Write the results table to FILE.parquet (fleet: one row per pair; "
+                          "sweep: one per policy; - for standard output, the summary then "
+                          "goes to standard error)."),
         click.option("--executor", type=click.Choice(["local", "dask"]), default=None,
                      help="local: a process pool (the default); dask: a Dask cluster "
                           "(needs pip install 'upmtrace[dask]')."),
@@ -494,38 +600,26 @@ def fleet_options(f):
     return f
 
 
-def _fleet_setup(traces, output, executor, scheduler, workers):
-    """(trace paths, executor), every option checked before anything is replayed."""
-    from upmtrace import fleet as lib
+def _fleet_setup(traces, output, executor, scheduler, workers, *others: Out):
+    """(trace paths, executor, aside), every option checked before anything is replayed;
+    aside: an output is standard output, so the summary goes to standard error."""
+    from upmtrace.fleet import pairs as lib
+    from upmtrace.fleet.executors import make_executor
 
-    runner = lib.make_executor(executor or ("dask" if scheduler else "local"),
+    runner = make_executor(executor or ("dask" if scheduler else "local"),
                                scheduler=scheduler, workers=workers)
-    if output:
+    if output and output != "-":
         lib.check_output(output)
-    return lib.find_traces(traces, exclude=[output] if output else []), runner
+    aside = check_outputs(Out(output, "-o", "Parquet"), *others)
+    found = lib.find_traces(traces, exclude=[output] if output and output != "-" else [])
+    return found, runner, aside
 
 
-class Progress:
-    """`done/total pairs` on stderr, redrawn as rows arrive, when stderr is a terminal."""
+def pairs(total: int | None):
+    """The fleet's `done/total pairs` line on a terminal's stderr."""
+    from upmtrace.progress import Pairs
 
-    def __init__(self, total: int | None) -> None:
-        self.total, self.done, self.failed = total, 0, 0
-        self.shown = sys.stderr.isatty()
-
-    def __call__(self, row: dict) -> None:
-        self.done += 1
-        self.failed += row["error"] is not None
-        if self.shown:
-            of = f"/{self.total}" if self.total else ""
-            click.echo(f"\r{self.done}{of} pairs replayed, {self.failed} failed", err=True,
-                       nl=False)
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.shown and self.done:
-            click.echo(err=True)
+    return Pairs(total, lambda text: click.echo(text, err=True, nl=False))
 
 
 @cli.group(cls=DefaultGroup)
@@ -555,28 +649,29 @@ def fleet_run(ctx: click.Context, policy_specs: tuple[str, ...], overrides: tupl
     *.jsonl, *.csv in it). Workers read the traces themselves. Exit 3 if any pair failed (the
     summary lists it), else 0.
     """
-    from upmtrace import fleet as lib
     from upmtrace.costs import load_costs
+    from upmtrace.fleet import pairs as lib
+    from upmtrace.fleet.summary import summarize
     from upmtrace.policy import load_policy
     from upmtrace.report.fleet import RENDERERS
 
     policies = tuple(load_policy(spec, overrides) for spec in policy_specs)
     lib.check_policies(policies)
     costs = load_costs(costs_file) if costs_file else None
-    paths, runner = _fleet_setup(traces, output, executor, scheduler, workers)
+    paths, runner, aside = _fleet_setup(traces, output, executor, scheduler, workers)
     request = lib.Fleet(tuple(paths), policies, platform, costs)
-    with Progress(len(request.pairs())) as progress:
+    with pairs(len(request.pairs())) as progress:
         table = lib.run(request, runner, on_row=progress)
     if output:
         lib.write_results(table, output)
-    summary = lib.summarize(table, policies, output)
-    click.echo(RENDERERS[fmt](summary, width()), nl=False)
+    summary = summarize(table, policies, output)
+    say(RENDERERS[fmt](summary, screen(sys.stderr if aside else None).width), aside)
     ctx.exit(3 if summary.failures else 0)
 
 
 @fleet.command("check")
-@click.option("--baseline", required=True, type=click.Path(dir_okay=False),
-              help="The fleet baseline JSON file (written by --update).")
+@click.option("--baseline", required=True, metavar="FILE",
+              help="The fleet baseline JSON file (written by --update; its folder is created).")
 @click.option("--policy", "policy_specs", multiple=True,
               help="Policies to check, each one of the baseline's (default: all of them).")
 @policy_options
@@ -589,15 +684,19 @@ def fleet_run(ctx: click.Context, policy_specs: tuple[str, ...], overrides: tupl
 @click.option("--allow-trace-change", is_flag=True,
               help="Accept traces whose sha256 set differs from the baseline's.")
 @click.option("--update", is_flag=True, help="Replay and (re)write the baseline.")
-@click.option("--junit", type=click.Path(dir_okay=False), default=None,
-              help="Also write a JUnit XML file: one testcase per policy and guarded total.")
+@click.option("--junit", default=None, metavar="FILE",
+              help="Also write a JUnit XML file, whatever the outcome: one testcase per policy "
+                   "and guarded total (a regression names its traces), or one error, or the "
+                   "update.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True, help="Outcome format; json is upmtrace.check.v1.")
 @click.pass_context
 def fleet_check(ctx: click.Context, baseline: str, policy_specs: tuple[str, ...],
                 overrides: tuple[str, ...], costs_file: str | None, traces: tuple[str, ...],
                 platform: str | None, output: str | None, executor: str | None,
                 scheduler: str | None, workers: int | None, tolerance: float | None,
                 metrics: tuple[str, ...], allow_trace_change: bool, update: bool,
-                junit: str | None) -> None:
+                junit: str | None, fmt: str) -> None:
     """CI gate: exit 1 when a guarded fleet total of a policy grew beyond the tolerance.
 
     Totals are sums over the fleet's traces, per policy. Exit 0 when nothing regressed, 1 on a
@@ -606,34 +705,110 @@ def fleet_check(ctx: click.Context, baseline: str, policy_specs: tuple[str, ...]
     """
     from fractions import Fraction
 
-    from upmtrace import fleet_gate as gate
-    from upmtrace.atomic import write_text
     from upmtrace.costs import load_costs
-    from upmtrace.fleet import write_results
-    from upmtrace.report.check import RENDERERS
+    from upmtrace.fleet.pairs import write_results
+    from upmtrace.gate import fleet as gate
 
-    request = gate.Request(
-        baseline, policy_specs, overrides,
-        load_costs(costs_file) if costs_file else None, platform,
-        None if tolerance is None else Fraction(str(tolerance)), metrics, allow_trace_change)
-    paths, runner = _fleet_setup(traces, output, executor, scheduler, workers)
-    if update:
-        with Progress(None) as progress:
-            written, table = gate.update(paths, request, runner, progress)
+    suite = f"upmtrace fleet check {baseline}"
+    with junit_always(junit, suite):
+        request = gate.Request(
+            baseline, policy_specs, overrides,
+            load_costs(costs_file) if costs_file else None, platform,
+            None if tolerance is None else Fraction(str(tolerance)), metrics,
+            allow_trace_change)
+        paths, runner, aside = _fleet_setup(
+            traces, output, executor, scheduler, workers,
+            Out(baseline if update else None, "--baseline", parents=True),
+            Out(junit, "--junit", parents=True))
+        with pairs(None) as progress:
+            if update:
+                written, table = gate.update(paths, request, runner, progress)
+            else:
+                outcome, table = gate.check(paths, request, runner, progress)
         if output:
             write_results(table, output)
-        click.echo(f"wrote {baseline}: {len(written.traces)} traces, policies "
-                   f"{', '.join(p.name for p in written.policies)}, {len(written.metrics)} "
-                   f"guarded totals each, tolerance {float(written.tolerance):g}%")
+    if update:
+        note = (f"wrote {baseline}: {len(written.traces)} traces, policies "
+                f"{', '.join(p.name for p in written.policies)}, {len(written.metrics)} "
+                f"guarded totals each, tolerance {float(written.tolerance):g}%")
+        _write_junit_update(junit, suite, note)
+        say(note, aside)
         return
-    with Progress(None) as progress:
-        outcome, table = gate.check(paths, request, runner, progress)
-    if output:
-        write_results(table, output)
-    click.echo(RENDERERS["table"](outcome, width()), nl=False)
-    if junit:
-        write_text(junit, RENDERERS["junit"](outcome, width()))
+    report_outcome(outcome, fmt, None, junit, aside)
     ctx.exit(1 if outcome.regressions else 0)
+
+
+# --- sweep ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--vary", "varies", multiple=True, metavar="KNOB=V1,V2[,...]",
+              help="A knob and the values to try (repeatable, one per knob); a size knob "
+                   "takes sizes, e.g. lazy_limit=0,64M,256M.")
+@click.option("--policy", "policy_spec", default="eager", show_default=True,
+              help="The base policy the knobs vary on: a preset, a TOML file or a spec "
+                   "BASE+KEY=VALUE; deltas are against it.")
+@policy_options
+@fleet_options
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Also draw memory against exits, cost as colour, the frontier joined "
+                   "(.png or .svg).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+              show_default=True, help="Output format; json is upmtrace.sweep.v1.")
+@click.option("--objective", "objectives", multiple=True, metavar="KEY",
+              help="A numeric report key to minimise (repeatable; replaces the default "
+                   "memory.peak_resident_bytes, exits.total, cost.total_ns).")
+def sweep(varies: tuple[str, ...], policy_spec: str, overrides: tuple[str, ...],
+          costs_file: str | None, traces: tuple[str, ...], platform: str | None,
+          output: str | None, executor: str | None, scheduler: str | None,
+          workers: int | None, plot: str | None, fmt: str,
+          objectives: tuple[str, ...]) -> None:
+    """Replay TRACES under every combination of the varied knobs; show the Pareto frontier.
+
+    Each combination is the base policy with the varied knobs set, named by its spec
+    (eager+gmem_page=2m+prefault=true); combinations that are the same policy replay once.
+    The frontier is the policies no other policy beats on every objective at once; the table
+    lists it first, with deltas against the base, then the dominated ones and which frontier
+    policy dominates each. With several traces (or a folder) policies are ranked by their
+    totals over all traces. A trace that fails to replay is exit 3.
+    """
+    from upmtrace.atomic import write_atomic
+    from upmtrace.costs import load_costs
+    from upmtrace.fleet import sweep as lib
+    from upmtrace.policy import load_policy
+    from upmtrace.report.plot import format_of
+    from upmtrace.report.sweep import RENDERERS
+    from upmtrace.report.sweep_plot import render
+
+    grid = lib.make_grid(load_policy(policy_spec, overrides), lib.parse_varies(varies))
+    goals = lib.check_objectives(objectives)
+    plot_fmt = ("png" if plot == "-" else format_of(plot, "--plot")) if plot else None
+    costs = load_costs(costs_file) if costs_file else None
+    paths, runner, aside = _fleet_setup(traces, output, executor, scheduler, workers,
+                                        Out(plot, "--plot", "PNG" if plot_fmt == "png" else None))
+    request = lib.Sweep(tuple(paths), grid, goals, platform, costs)
+    with pairs(len(paths) * len(grid.policies)) as progress:
+        ranking = lib.run_sweep(request, runner, on_row=progress)
+    if output:
+        lib.write_results(ranking, output)
+        ranking = dataclasses.replace(ranking, results=output)
+    if plot:
+        image = render(ranking, plot_fmt, title=f"Sweep of {', '.join(paths)}"
+                       if len(paths) <= 2 else f"Sweep of {len(paths)} traces")
+        write_atomic(plot, lambda f: f.write(image))
+    say(RENDERERS[fmt](ranking, screen(sys.stderr if aside else None).width), aside)
+
+
+def _add_debug(group: click.Group) -> None:
+    """--debug after the command's name too (`upmtrace replay T --debug`)."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _add_debug(command)
+        else:
+            command.params.append(DEBUG)
+
+
+_add_debug(cli)
 
 
 def main() -> None:

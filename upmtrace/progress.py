@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 MIN_EVENTS = 200_000  # shorter replays take a second or two: no bar
+SLOW_MIN_EVENTS = 2_000  # under --paranoid a few thousand events take seconds
 
 Advance = Callable[[int], None]
 
@@ -65,3 +66,34 @@ class Tracked:
 def tracked(trace, advance: Advance):
     """`trace` itself when there is nothing to report to, else a Tracked view of it."""
     return trace if advance is _ignore else Tracked(trace, advance)
+
+
+@contextmanager
+def watched(trace, *, times: int = 1, slow: bool = False) -> Iterator:
+    """`trace` with a bar over `times` replays of it; `slow` (--paranoid, which checks every
+    invariant after every event) shows the bar for far shorter traces."""
+    with progress(trace.events * times, min_events=SLOW_MIN_EVENTS if slow else MIN_EVENTS) \
+            as advance:
+        yield tracked(trace, advance)
+
+
+class Pairs:
+    """`done/total pairs` on stderr, redrawn as fleet rows arrive, when stderr is a terminal."""
+
+    def __init__(self, total: int | None, echo: Callable[[str], None]) -> None:
+        self.total, self.done, self.failed = total, 0, 0
+        self.echo, self.shown = echo, sys.stderr.isatty()
+
+    def __call__(self, row: dict) -> None:
+        self.done += 1
+        self.failed += row["error"] is not None
+        if self.shown:
+            of = f"/{self.total}" if self.total else ""
+            self.echo(f"\r{self.done}{of} pairs replayed, {self.failed} failed")
+
+    def __enter__(self) -> Pairs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.shown and self.done:
+            self.echo("\n")

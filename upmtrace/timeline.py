@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from upmtrace.atomic import write_atomic
+from upmtrace.atomic import STDOUT, write_atomic
 from upmtrace.errors import UsageError
 
 EXIT_KEYS = ("exits.vm.npf", "exits.vm.vmgexit", "exits.vm.tdvmcall", "exits.vm.vmcall",
@@ -25,11 +25,12 @@ COLUMNS = ("ts", "events", "shared_bytes", "private_bytes", "duplicate_bytes", "
 
 
 class Timeline:
-    """At most `rows` + 1 samples, evenly spaced over [first_ts, last_ts]."""
+    """At most `rows` samples, evenly spaced over [first_ts, last_ts]; the last is the final
+    state."""
 
     def __init__(self, first_ts: int, last_ts: int, rows: int = 1000) -> None:
-        self.first = first_ts
-        self.step = max((last_ts - first_ts) // max(rows, 1), 1)
+        self.first, self.rows = first_ts, max(rows, 1)
+        self.step = max(-(-(last_ts - first_ts) // self.rows), 1)
         self.next = first_ts
         self.samples: list[tuple[int, ...]] = []
 
@@ -54,17 +55,28 @@ class Timeline:
         self.next = ts - (ts - self.first) % self.step + self.step
 
     def table(self) -> pa.Table:
-        columns = list(zip(*self.samples, strict=True)) if self.samples else [()] * len(COLUMNS)
+        samples = bounded(self.samples, self.rows)
+        columns = list(zip(*samples, strict=True)) if samples else [()] * len(COLUMNS)
         return pa.table({name: pa.array(col, pa.int64()) for name, col in zip(COLUMNS, columns,
                                                                               strict=True)})
 
     def write(self, path: str) -> None:
         check_path(path)
         table = self.table()
-        if path.endswith(".parquet"):
+        if is_parquet(path):
             write_atomic(path, lambda f: pq.write_table(table, f, compression="zstd"))
         else:
             write_atomic(path, lambda f: pacsv.write_csv(table, f))
+
+
+def bounded(samples: list, rows: int) -> list:
+    """At most `rows` of the samples, evenly picked, the first and the last (final) kept."""
+    n = len(samples)
+    if n <= rows:
+        return samples
+    if rows == 1:
+        return samples[-1:]
+    return [samples[round(i * (n - 1) / (rows - 1))] for i in range(rows)]
 
 
 def machine_counts(machine) -> tuple[int | None, ...]:
@@ -90,5 +102,10 @@ def counters(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 def check_path(path: str) -> None:
-    if not path.endswith((".parquet", ".csv")):
+    """A .parquet or .csv file, or `-` (CSV on standard output)."""
+    if path != STDOUT and not path.endswith((".parquet", ".csv")):
         raise UsageError(f"--timeline {path}: use a .parquet or .csv file")
+
+
+def is_parquet(path: str) -> bool:
+    return path.endswith(".parquet")

@@ -9,9 +9,11 @@ from typing import Any
 
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
-from upmtrace.compare import Comparison
-from upmtrace.report.table import ns, to_text
+from upmtrace.fleet.compare import Comparison
+from upmtrace.report.csv import flatten
+from upmtrace.report.table import knob, ns, to_text
 from upmtrace.units import human_bytes
 
 # How a metric's value and its delta are written.
@@ -67,21 +69,21 @@ def with_vfio(reports: list[dict]) -> bool:
     return any(r["policy"].get("vfio", "none") != "none" and "vfio" in r for r in reports)
 
 
-def render_table(comparison: Comparison, width: int = 100) -> str:
+def render_table(comparison: Comparison, width: int | None = 100, *, color: bool = False) -> str:
     names = comparison.names
     t = Table(title="Policies compared (* = lowest in the row; deltas against "
                     f"{names[0]})", title_justify="left", box=box.SIMPLE_HEAD)
     t.add_column("metric", no_wrap=True)
-    t.add_column(names[0], justify="right")
+    t.add_column(names[0], justify="right", no_wrap=True)
     for name in names[1:]:
-        t.add_column(name, justify="right")
-        t.add_column(f"Δ {name}", justify="right")
-        t.add_column("Δ%", justify="right")
+        t.add_column(name, justify="right", no_wrap=True)
+        t.add_column(f"Δ {name}", justify="right", no_wrap=True)
+        t.add_column("Δ%", justify="right", no_wrap=True)
     for group in metric_rows(comparison):
         t.add_section()
         for key, fmt, values in group:
             t.add_row(key, *_cells(fmt, values))
-    return rstrip(to_text(_head(comparison), t, width=width))
+    return rstrip(to_text(_head(comparison), t, width=width, color=color))
 
 
 def rstrip(text: str) -> str:
@@ -94,24 +96,29 @@ def _head(comparison: Comparison) -> str:
     lines = [f"{trace['path'] or '<table>'}: {trace['events']:,} events, "
              f"platform {trace['platform']}"]
     first, *others = [r.report["policy"] for r in comparison.results]
-    knobs = ", ".join(f"{k}={_show(v)}" for k, v in first.items() if k != "name")
+    knobs = ", ".join(f"{k}={knob(k, v)}" for k, v in first.items() if k != "name")
     lines.append(f"policy {first['name']}: {knobs}")
     for policy in others:
-        diff = ", ".join(f"{k}={_show(v)}" for k, v in policy.items()
+        diff = ", ".join(f"{k}={knob(k, v)}" for k, v in policy.items()
                          if k != "name" and v != first.get(k))
         lines.append(f"policy {policy['name']}: {diff or 'the same knobs'} "
                      f"(otherwise as {first['name']})")
     return "\n".join(lines)
 
 
-def _cells(fmt: str, values: list[Any]) -> list[str]:
+def _cells(fmt: str, values: list[Any]) -> list[str | Text]:
     write = FORMATS[fmt]
     best = min(values) if len(set(values)) > 1 else None
     marked = [f"{write(v)} *" if v == best else f"{write(v)}  " for v in values]
-    cells = [marked[0]]
+    cells: list[str | Text] = [marked[0]]
     for value, text in zip(values[1:], marked[1:], strict=True):
-        cells += [text, _delta(write, value - values[0]), _percent(values[0], value)]
+        style = GROWTH.get((value > values[0]) - (value < values[0]))  # lower is better
+        cells += [text, Text(_delta(write, value - values[0]), style=style or ""),
+                  Text(_percent(values[0], value), style=style or "")]
     return cells
+
+
+GROWTH = {1: "red", -1: "green"}  # the colour of a delta on a terminal
 
 
 def _delta(write: Callable[[float], str], delta: float) -> str:
@@ -128,13 +135,13 @@ def _percent(base: float, value: float) -> str:
     return f"{100 * (value - base) / base:+.1f}%"
 
 
-def render_json(comparison: Comparison, width: int = 100) -> str:
+def render_json(comparison: Comparison, width: int | None = 100, **_) -> str:
     return comparison.to_json()
 
 
-def render_csv(comparison: Comparison, width: int = 100) -> str:
+def render_csv(comparison: Comparison, width: int | None = 100, **_) -> str:
     """One row per dotted report key (trace and schema left out), one column per policy."""
-    flat = [dict(_flatten(r.report)) for r in comparison.results]
+    flat = [dict(flatten(r.report)) for r in comparison.results]
     keys = [k for k in flat[0] if k != "schema" and not k.startswith("trace.")]
     buf = io.StringIO()
     out = csv.writer(buf, lineterminator="\n")
@@ -142,16 +149,6 @@ def render_csv(comparison: Comparison, width: int = 100) -> str:
     for key in keys:
         out.writerow([key, *(_csv_value(f.get(key)) for f in flat)])
     return buf.getvalue()
-
-
-def _flatten(node: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    items: list[tuple[str, Any]] = []
-    for key, value in node.items():
-        if isinstance(value, dict):
-            items += _flatten(value, f"{prefix}{key}.")
-        else:
-            items.append((f"{prefix}{key}", value))
-    return items
 
 
 def _csv_value(value: Any) -> str:

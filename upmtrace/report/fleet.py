@@ -8,9 +8,9 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from upmtrace.fleet import HEADLINE, PERCENTILE_METHOD, STATS, PolicySummary, Summary
+from upmtrace.fleet.summary import HEADLINE, PERCENTILE_METHOD, STATS, PolicySummary, Summary
 from upmtrace.report.compare import rstrip
-from upmtrace.report.table import to_text
+from upmtrace.report.table import knob, to_text
 from upmtrace.units import human_bytes
 
 
@@ -42,7 +42,7 @@ def _head(summary: Summary) -> str:
              + (f"; results in {summary.results}" if summary.results else "")]
     first = policies[0].policy
     for p in policies:
-        knobs = ", ".join(f"{k}={_show(v)}" for k, v in p.policy.items()
+        knobs = ", ".join(f"{k}={knob(k, v)}" for k, v in p.policy.items()
                           if k != "name" and (p is policies[0] or v != first.get(k)))
         if p is not policies[0]:
             knobs = f"{knobs or 'the same knobs'} (otherwise as {first['name']})"
@@ -108,10 +108,6 @@ def _failures_table(summary: Summary) -> Table:
     for failure in summary.failures:
         t.add_row(failure["trace"], failure["policy"], failure["error"])
     return t
-
-
-def _show(value: object) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def render_json(summary: Summary, width: int = 100) -> str:

@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable
 
-from rich.console import Console
 from rich.table import Table
 
+from upmtrace.report.table import to_text
 from upmtrace.units import human_bytes
 
 
-def render_json(summary: dict, width: int) -> str:
+def render_json(summary: dict, width: int | None) -> str:
     return json.dumps(summary, indent=2) + "\n"
 
 
-def render_table(summary: dict, width: int) -> str:
-    console = Console(file=io.StringIO(), width=width, force_terminal=False)
-    for table in (_overview(summary), _kinds(summary), _memslots(summary),
-                  _recorded(summary)):
-        if table is not None:
-            console.print(table)
-    return console.file.getvalue()
+def render_table(summary: dict, width: int | None) -> str:
+    """At a terminal's width, or (None) each table as wide as it needs: the sha256 whole."""
+    tables = (_overview(summary), _kinds(summary), _memslots(summary), _recorded(summary))
+    return to_text(*(t for t in tables if t is not None), width=width)
 
 
 def _overview(summary: dict) -> Table:

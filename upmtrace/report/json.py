@@ -5,5 +5,5 @@ from __future__ import annotations
 from upmtrace.engine import Result
 
 
-def render(result: Result, width: int = 100) -> str:
+def render(result: Result, width: int | None = 100, **_) -> str:
     return result.to_json()

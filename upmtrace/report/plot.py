@@ -34,11 +34,11 @@ class Series:
     report: dict
 
 
-def format_of(path: str) -> str:
+def format_of(path: str, option: str = "-o") -> str:
     """'png' or 'svg', from the output file's suffix."""
     fmt = FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
-        raise UsageError(f"-o {path}: use a .png or .svg file")
+        raise UsageError(f"{option} {path}: use a .png or .svg file")
     return fmt
 
 

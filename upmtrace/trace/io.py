@@ -22,7 +22,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from upmtrace.atomic import write_atomic
+from upmtrace.atomic import STDOUT, is_special, write_atomic
 from upmtrace.errors import TraceError, UsageError
 from upmtrace.trace import meta
 from upmtrace.trace.cast import Rows, accepts, conform, value_message
@@ -112,7 +112,12 @@ class Loaded:
 def read_trace(path: str | os.PathLike, *, platform: str | None = None) -> Trace:
     """Read, type-check and validate a trace; `platform` overrides the file's metadata."""
     path = str(path)
-    fmt = _format_of(path)
+    if os.path.isdir(path):
+        raise TraceError(f"is a directory, not a trace file ({IMPORT_HINT})", path=path)
+    try:
+        fmt = _format_of(path)
+    except TraceError as err:
+        raise TraceError(f"{err}; {IMPORT_HINT}") from None
     digest = _sha256(path)
     if fmt == "parquet" and (streamed := _open_parquet_streamed(path)) is not None:
         table, metadata = None, streamed.schema_arrow.metadata
@@ -143,7 +148,13 @@ def _open_parquet_streamed(path: str) -> pq.ParquetFile | None:
     return file
 
 
+IMPORT_HINT = "a recording (trace-cmd, perf or ftrace text, a QEMU -trace log) is converted " \
+              "with `upmtrace import LOG... -o OUT.parquet`"
+
+
 def _format_of(path: str) -> str:
+    if path == STDOUT or (not Path(path).suffix and is_special(path)):
+        return "parquet"  # standard output, /dev/null, a FIFO: the default format
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
         raise TraceError(f"unknown trace format {repr(suffix) if suffix else '(no extension)'} "

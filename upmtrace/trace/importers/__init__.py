@@ -8,12 +8,12 @@ an ImportSummary (events by kind, skipped lines by reason, recorded counts, note
 from __future__ import annotations
 
 import os
-import secrets
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from upmtrace.atomic import is_special, scratch_beside
 from upmtrace.errors import InputError, UsageError
 from upmtrace.trace.importers import ftrace, qemu
 from upmtrace.trace.importers.common import (
@@ -111,12 +111,11 @@ class LogFile:
 
 def import_logs(paths: list[str] | tuple[str, ...], out: str, options: Options) -> ImportSummary:
     """Import LOGs into the trace `out`; InputError when no line of them was usable."""
-    if Path(out).suffix.lower() not in SUFFIXES:
+    if not is_special(out) and Path(out).suffix.lower() not in SUFFIXES:
         raise UsageError(f"{out}: unknown trace format (supported: {', '.join(SUFFIXES)})")
     check_memslots(options.memslots)
     files = [LogFile(path, options.fmt or detect(path)) for path in paths]
-    target = Path(out)
-    body = str(target.with_name(f".{target.name}.{secrets.token_hex(4)}.body.tmp"))
+    body = str(scratch_beside(out, ".body"))
     try:
         sink = RowSink(body, out)
         try:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from upmtrace.atomic import write_atomic
+from upmtrace.atomic import is_special, write_atomic
 from upmtrace.trace.importers.common import (
     CHUNK,
     Context,
@@ -72,7 +73,7 @@ def body_batches(path: str) -> Iterator[pa.RecordBatch]:
 def write_output(out: str, rows: list[Row], body: str, meta: dict[str, str]) -> None:
     """Header rows then the body, as a Parquet file streamed batch by batch (atomically), or
     through write_trace for the other formats (which hold the table in memory)."""
-    if not out.lower().endswith(".parquet"):
+    if not (is_special(out) and not Path(out).suffix) and not out.lower().endswith(".parquet"):
         batches = ([to_batch(rows)] if rows else []) + list(body_batches(body))
         table = pa.Table.from_batches(batches, schema=SCHEMA)
         write_trace(table, out, platform=meta[META_PLATFORM], source=meta[META_SOURCE],

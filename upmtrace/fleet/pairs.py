@@ -3,39 +3,34 @@
 A worker runs `replay_pair` on its own: it opens the trace file itself (a path or a URL pyarrow
 can open), so only a path and a policy travel to it, and it returns one flat row: the report
 keys with dotted names. Rows are gathered as they complete and written sorted by (trace path,
-policy order), so every executor gives the same bytes. Dask is imported only by its executor.
+policy order), so every executor (upmtrace.fleet.executors) gives the same bytes.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from upmtrace.atomic import write_atomic
 from upmtrace.costs import DEFAULTS as COSTS
 from upmtrace.errors import InputError, UpmtraceError, UsageError
+from upmtrace.fleet.executors import Executor, one_line
 from upmtrace.policy import KNOBS, Policy, check_distinct
+from upmtrace.trace.io import IMPORT_HINT
 
-SCHEMA_ID = "upmtrace.fleet.v1"  # the summary JSON
 RESULTS_ID = "upmtrace.fleet-results.v1"  # the results table (Parquet schema metadata)
 TRACE_SUFFIXES = (".parquet", ".arrow", ".feather", ".jsonl", ".csv")
-PERCENTILE_METHOD = "linear"  # numpy's default (Hyndman & Fan type 7)
-DASK_HINT = "pip install 'upmtrace[dask]'"
 
 # --- the result table: one row per pair, the report keys flattened --------------------
 
@@ -55,6 +50,9 @@ METRICS: tuple[str, ...] = (
     "directmap.splits", "directmap.restores",
     "mappings.4k", "mappings.2m",
     "host_access.pages", "host_access.stale", "host_access.faults",
+    "populate.calls", "populate.pages", "populate.skipped_pages",
+    "vfio.dma_map_calls", "vfio.dma_unmap_calls", "vfio.pinned_peak_bytes",
+    "vfio.pinned_final_bytes", "vfio.pages_pinned",
     "cost.total_ns", *(f"cost.by_category.{name}" for name in COSTS),
 )
 FLOATS = frozenset({"memory.ratio_to_touched"})
@@ -125,8 +123,8 @@ def _is_trace_name(name: str) -> bool:
 
 def _check_suffix(path: str) -> str:
     if not path.lower().endswith(TRACE_SUFFIXES):
-        raise InputError(f"not a trace file name (expected *{', *'.join(TRACE_SUFFIXES)})",
-                         path=path)
+        raise InputError(f"not a trace file name (expected *{', *'.join(TRACE_SUFFIXES)}); "
+                         f"{IMPORT_HINT}", path=path)
     return path
 
 
@@ -199,109 +197,12 @@ def flatten(node: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]
             yield f"{prefix}{key}", value
 
 
-def one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def failed_row(job: Job, error: str) -> dict[str, Any]:
     """The row of a pair whose worker never answered (it died, or the cluster lost it)."""
     path, policy_json = job[0], job[1]
     return {**dict.fromkeys(RESULT_SCHEMA.names), "trace.path": path,
             **{f"policy.{k}": v for k, v in policy_json.items()},
             "error": one_line(f"{path}: {error}")}
-
-
-# --- executors -----------------------------------------------------------------------------
-
-
-class Executor(Protocol):
-    """Runs replay_pair(*job) for every job somewhere; yields (job index, row) as each ends."""
-
-    def run(self, jobs: Sequence[Job]) -> Iterator[tuple[int, dict[str, Any]]]: ...
-
-
-@dataclass(frozen=True)
-class LocalExecutor:
-    """A process pool (spawn) of `workers` processes; 1 worker replays in this process."""
-
-    workers: int
-
-    def run(self, jobs: Sequence[Job]) -> Iterator[tuple[int, dict[str, Any]]]:
-        if self.workers <= 1 or len(jobs) <= 1:
-            for index, job in enumerate(jobs):
-                yield index, replay_pair(*job)
-            return
-        # spawn: a clean interpreter per worker, never a fork of a process running Arrow threads
-        context = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(min(self.workers, len(jobs)), mp_context=context)
-        try:
-            futures = {pool.submit(replay_pair, *job): i for i, job in enumerate(jobs)}
-            for future in as_completed(futures):
-                index = futures[future]
-                try:
-                    yield index, future.result()
-                except Exception as err:  # the worker process died
-                    yield index, failed_row(jobs[index], f"worker failed: {err!r}")
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-
-@dataclass(frozen=True)
-class DaskExecutor:
-    """dask.distributed: join the cluster at `scheduler`, else start a LocalCluster."""
-
-    scheduler: str | None = None
-    workers: int = 1
-
-    def run(self, jobs: Sequence[Job]) -> Iterator[tuple[int, dict[str, Any]]]:
-        distributed = require_dask()
-        with ExitStack() as stack:
-            client = self._client(distributed, stack)
-            futures = [client.submit(replay_pair, *job, pure=False) for job in jobs]
-            index = {future.key: i for i, future in enumerate(futures)}
-            for future in distributed.as_completed(futures):
-                i = index[future.key]
-                try:
-                    yield i, future.result()
-                except Exception as err:  # KilledWorker, a worker without upmtrace, ...
-                    yield i, failed_row(jobs[i], f"dask task failed: {err!r}")
-                future.release()
-
-    def _client(self, distributed, stack: ExitStack):
-        if self.scheduler is None:
-            cluster = stack.enter_context(distributed.LocalCluster(
-                n_workers=self.workers, threads_per_worker=1, processes=True,
-                dashboard_address=None))
-            return stack.enter_context(distributed.Client(cluster))
-        try:
-            client = distributed.Client(self.scheduler, timeout="10s")
-        except (OSError, TimeoutError, ValueError) as err:
-            raise UpmtraceError(f"cannot reach the Dask scheduler {self.scheduler}: "
-                                f"{one_line(str(err), 200)}") from None
-        return stack.enter_context(client)
-
-
-def require_dask():
-    """The distributed module, or a UsageError telling how to install it."""
-    try:
-        import distributed
-    except ImportError:
-        raise UsageError(f"--executor dask needs Dask: {DASK_HINT}") from None
-    return distributed
-
-
-def make_executor(name: str, *, scheduler: str | None, workers: int | None) -> Executor:
-    if name == "local" and scheduler is not None:
-        raise UsageError("--scheduler needs --executor dask")
-    if scheduler is not None and workers is not None:
-        raise UsageError("--workers starts local workers; an existing cluster (--scheduler) "
-                         "has its own")
-    count = workers or os.cpu_count() or 1
-    if name == "dask":
-        require_dask()
-        return DaskExecutor(scheduler, count)
-    return LocalExecutor(count)
 
 
 # --- running a fleet -----------------------------------------------------------------------
@@ -329,7 +230,9 @@ def run(fleet: Fleet, executor: Executor,
     jobs: list[Job] = [(path, policy.to_json(), fleet.platform, fleet.costs)
                        for path, (_, policy) in zip(sent, pairs, strict=True)]
     rows: list[dict[str, Any] | None] = [None] * len(jobs)
-    for index, row in executor.run(jobs):
+    for index, outcome in executor.run(replay_pair, jobs):
+        row = outcome.value if outcome.error is None else failed_row(jobs[index],
+                                                                     outcome.describe())
         rows[index] = _relabel(row, pairs[index][0], sent[index])
         if on_row is not None:
             on_row(rows[index])
@@ -353,82 +256,3 @@ def check_output(path: str) -> None:
     folder = os.path.dirname(path) or "."
     if not os.path.isdir(folder):
         raise UsageError(f"-o {path}: no such folder {folder!r}")
-
-
-# --- the summary ---------------------------------------------------------------------------
-
-HEADLINE = ("exits.userspace_total", "exits.vm_total", "memory.peak_resident_bytes",
-            "memory.peak_duplicate_bytes", "directmap.splits")
-STATS = ("total", "p50", "p95", "max")
-
-
-@dataclass(frozen=True)
-class PolicySummary:
-    """One policy over the fleet: its replayed pairs' totals and spread."""
-
-    policy: dict[str, Any]  # name and knobs
-    traces: int
-    failed: int
-    totals: dict[str, int]  # every integer metric summed over the replayed pairs
-    stats: dict[str, dict[str, int | float]]  # HEADLINE metric -> STATS; empty if none replayed
-    delta: dict[str, dict[str, int | float]] | None  # stats minus the first policy's
-
-    @property
-    def name(self) -> str:
-        return self.policy["name"]
-
-
-@dataclass(frozen=True)
-class Summary:
-    traces: int
-    policies: tuple[PolicySummary, ...]
-    failures: tuple[dict[str, str], ...]  # {"trace", "policy", "error"} in row order
-    results: str | None = None  # where the results table was written
-
-    @property
-    def pairs(self) -> int:
-        return self.traces * len(self.policies)
-
-    def to_json(self) -> str:
-        doc = {"schema": SCHEMA_ID, "traces": self.traces, "pairs": self.pairs,
-               "failed": len(self.failures), "results": self.results,
-               "percentiles": {"method": PERCENTILE_METHOD, "rounded_to": 6},
-               "policies": [{"name": p.name, "policy": p.policy, "traces": p.traces,
-                             "failed": p.failed, "stats": p.stats, "delta": p.delta,
-                             "totals": p.totals} for p in self.policies],
-               "failures": list(self.failures)}
-        return json.dumps(doc, indent=2) + "\n"
-
-
-def summarize(table: pa.Table, policies: Sequence[Policy],
-              results: str | None = None) -> Summary:
-    """Per policy, in the order given: totals and p50/p95/max over its replayed pairs."""
-    ok = pc.is_null(table["error"])
-    summaries: list[PolicySummary] = []
-    for policy in policies:
-        mine = pc.equal(table["policy.name"], policy.name)
-        done = table.filter(pc.and_(mine, ok))
-        stats = {m: spread(done[m].to_numpy()) for m in HEADLINE} if done.num_rows else {}
-        first = summaries[0].stats if summaries else None
-        delta = None if first is None or not first or not stats else {
-            m: {s: _round(stats[m][s] - first[m][s]) for s in STATS} for m in HEADLINE}
-        traces = table.filter(mine).num_rows
-        summaries.append(PolicySummary(
-            policy.to_json(), traces, traces - done.num_rows,
-            {m: int(pc.sum(done[m]).as_py() or 0) for m in TOTALLED}, stats, delta))
-    bad = table.filter(pc.invert(ok)).select(["trace.path", "policy.name", "error"])
-    failures = tuple({"trace": t, "policy": p, "error": e}
-                     for t, p, e in zip(*(c.to_pylist() for c in bad.columns), strict=True))
-    return Summary(len(set(table["trace.path"].to_pylist())), tuple(summaries), failures,
-                   results)
-
-
-def spread(values: np.ndarray) -> dict[str, int | float]:
-    """total, p50, p95 (numpy percentile, method PERCENTILE_METHOD, 6 decimals) and max."""
-    p50, p95 = np.percentile(values, [50, 95], method=PERCENTILE_METHOD)
-    return {"total": int(values.sum()), "p50": _round(p50), "p95": _round(p95),
-            "max": int(values.max())}
-
-
-def _round(value: float | int) -> int | float:
-    return value if isinstance(value, int) else round(float(value), 6)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +11,7 @@ import pyarrow as pa
 
 from upmtrace.engine import Result, replay
 from upmtrace.errors import UsageError
+from upmtrace.fleet.executors import LocalExecutor
 from upmtrace.policy import Policy, check_distinct
 
 SCHEMA_ID = "upmtrace.compare.v1"
@@ -54,19 +53,24 @@ def default_workers(policies: int, events: int) -> int:
 
 def compare(trace, policies: list[Policy], *, platform: str | None = None,
             costs: dict[str, int] | None = None, workers: int | None = None) -> Comparison:
-    """Replay `trace` (read once) under every policy; results in policy order."""
+    """Replay `trace` (read once) under every policy; results in policy order.
+
+    An error of any replay (an invalid event) is raised as it was.
+    """
     check_policies(policies)
     if workers is None:
         workers = default_workers(len(policies), _events(trace))
-    if workers <= 1:
-        return Comparison(tuple(replay(trace, p, platform=platform, costs=costs)
-                                for p in policies))
-    # spawn: a clean interpreter per worker, never a fork of a process running Arrow threads
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = [pool.submit(replay, trace, p, platform=platform, costs=costs)
-                   for p in policies]
-        return Comparison(tuple(f.result() for f in futures))
+    jobs = [(trace, policy, platform, costs) for policy in policies]
+    results: list[Result | None] = [None] * len(jobs)
+    for index, outcome in LocalExecutor(workers).run(_replay, jobs):
+        if outcome.error is not None:
+            raise outcome.error
+        results[index] = outcome.value
+    return Comparison(tuple(results))
+
+
+def _replay(trace, policy: Policy, platform: str | None, costs: dict[str, int] | None) -> Result:
+    return replay(trace, policy, platform=platform, costs=costs)
 
 
 def _events(trace) -> int:

@@ -1,4 +1,4 @@
-"""The CI gate on fleet totals (`upmtrace fleet check`): gate.py's rule, per policy and metric.
+"""The CI gate on fleet totals (`upmtrace fleet check`): check.py's rule, per policy and metric.
 
 The baseline (schema upmtrace.fleet-baseline.v1) records the traces (path and sha256), the
 policies (name and knobs), every integer total per policy, and what it guards:
@@ -8,7 +8,11 @@ policies (name and knobs), every integer total per policy, and what it guards:
      "platform": null,
      "policies": [{"name": "eager", "dealloc": "eager", ...}, ...],
      "traces": [{"path": "traces/a.parquet", "sha256": "..."}, ...],
-     "totals": {"eager": {"exits.vm_total": 123, ...}, ...}}
+     "totals": {"eager": {"exits.vm_total": 123, ...}, ...},
+     "per_trace": {"eager": {"traces/a.parquet": {"exits.vm_total": 100, ...}, ...}, ...}}
+
+`per_trace` (the guarded metrics of each trace) lets a regression name the traces behind it; a
+baseline written before it existed still gates the totals.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -25,10 +29,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from upmtrace.atomic import write_text
-from upmtrace.baseline import is_percentage, loads
 from upmtrace.errors import InputError, PolicyError, UpmtraceError, UsageError
-from upmtrace.fleet import TOTALLED, Executor, Fleet, run, summarize
-from upmtrace.gate import DEFAULT_METRICS, Outcome, Verdict, status
+from upmtrace.fleet.executors import Executor
+from upmtrace.fleet.pairs import TOTALLED, Fleet, run
+from upmtrace.fleet.summary import summarize
+from upmtrace.gate.baseline import is_percentage, loads
+from upmtrace.gate.check import DEFAULT_METRICS, Outcome, TraceDelta, Verdict, status
 from upmtrace.policy import PRESETS, Policy, load_policy, parse_overrides
 
 SCHEMA_ID = "upmtrace.fleet-baseline.v1"
@@ -43,6 +49,7 @@ class FleetBaseline:
     totals: dict[str, dict[str, int]]  # policy name -> metric -> total
     platform: str | None = None
     path: str | None = None
+    per_trace: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         t = self.tolerance
@@ -51,7 +58,8 @@ class FleetBaseline:
                          "tolerance": int(t) if t.denominator == 1 else float(t)},
                "platform": self.platform,
                "policies": [p.to_json() for p in self.policies],
-               "traces": list(self.traces), "totals": self.totals}
+               "traces": list(self.traces), "totals": self.totals,
+               "per_trace": self.per_trace}
         return json.dumps(doc, indent=2) + "\n"
 
 
@@ -109,8 +117,13 @@ def parse_fleet_baseline(doc: Any, path: str | None = None) -> FleetBaseline:
     if not policies or any(set(metrics) - set(totals[p.name]) for p in policies):
         raise InputError("totals lack a guarded metric of a policy")
     traces = tuple({"path": str(t["path"]), "sha256": str(t["sha256"])} for t in doc["traces"])
+    per_trace = doc.get("per_trace", {})
+    if not isinstance(per_trace, dict) or not all(
+            isinstance(v, dict) and all(isinstance(m, dict) for m in v.values())
+            for v in per_trace.values()):
+        raise InputError("per_trace must map policy -> trace -> metric -> value")
     return FleetBaseline(tuple(metrics), Fraction(str(tolerance)), policies, traces, totals,
-                         doc.get("platform"), path)
+                         doc.get("platform"), path, per_trace)
 
 
 # --- check and update ----------------------------------------------------------------------
@@ -139,9 +152,11 @@ def check(traces: Sequence[str], request: Request, executor: Executor,
                 status(base.totals[name][key], now[name][key], tolerance))
         for name in now for key in metrics)
     knobs = _knob_changes(base, policies)
+    behind = _trace_deltas(table, policies, [v for v in verdicts if v.status == "regressed"],
+                           base.per_trace)
     outcome = Outcome(verdicts, tolerance, ", ".join(now), request.baseline,
                       f"a fleet of {len(set(table['trace.path'].to_pylist()))} traces",
-                      bool(changed), knobs)
+                      bool(changed), knobs, behind)
     return outcome, table
 
 
@@ -168,10 +183,11 @@ def update(traces: Sequence[str], request: Request, executor: Executor,
     listed = tuple({"path": p, "sha256": s} for p, s in
                    zip(rows["trace.path"].to_pylist(), rows["trace.sha256"].to_pylist(),
                        strict=True))
-    baseline = FleetBaseline(expand_metrics(wanted), tolerance, policies, listed,
+    metrics = expand_metrics(wanted)
+    baseline = FleetBaseline(metrics, tolerance, policies, listed,
                              {p.name: p.totals for p in summary.policies}, platform,
-                             request.baseline)
-    write_text(request.baseline, baseline.to_json())
+                             request.baseline, _per_trace(table, policies, metrics))
+    write_text(request.baseline, baseline.to_json(), make_parents=True)
     return baseline, table
 
 
@@ -225,6 +241,32 @@ def _fleet_changed(table: pa.Table, policy: Policy, base: FleetBaseline) -> str:
     was = Counter(t["sha256"] for t in base.traces)
     new, gone = sum((now - was).values()), sum((was - now).values())
     return "" if not new and not gone else f"{new} traces new, {gone} gone"
+
+
+def _per_trace(table: pa.Table, policies: Sequence[Policy],
+               metrics: Sequence[str]) -> dict[str, dict[str, dict[str, int]]]:
+    """policy -> trace path -> guarded metric -> value."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for policy in policies:
+        rows = _rows_of(table, policy).select(["trace.path", *metrics]).to_pylist()
+        out[policy.name] = {row.pop("trace.path"): row for row in rows}
+    return out
+
+
+def _trace_deltas(table: pa.Table, policies: Sequence[Policy], regressed: Sequence[Verdict],
+                  before: dict[str, dict[str, dict[str, int]]]) -> tuple[TraceDelta, ...]:
+    """For each regressed total, the traces whose value grew (or that are new), most first.
+
+    Without per-trace values in the baseline every trace of the policy is listed as new."""
+    now = _per_trace(table, policies, sorted({v.metric.rpartition(":")[2] for v in regressed}))
+    found: list[TraceDelta] = []
+    for verdict in regressed:
+        name, _, key = verdict.metric.rpartition(":")
+        grown = [TraceDelta(verdict.metric, path, before.get(name, {}).get(path, {}).get(key),
+                            values[key]) for path, values in now[name].items()]
+        grown = [d for d in grown if d.baseline is None or d.now > d.baseline]
+        found += sorted(grown, key=lambda d: (-d.delta, d.trace))
+    return tuple(found)
 
 
 def _knob_changes(base: FleetBaseline, policies: Sequence[Policy]) -> dict[str, tuple]:

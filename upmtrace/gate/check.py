@@ -6,19 +6,22 @@ computed exactly (a metric that was 0 and is now above 0 regresses at any tolera
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal
 
 from upmtrace.atomic import write_text
-from upmtrace.baseline import Baseline, read_baseline
 from upmtrace.engine import Result, replay
 from upmtrace.errors import InputError, UpmtraceError, UsageError
+from upmtrace.gate.baseline import Baseline, read_baseline
 from upmtrace.policy import PRESETS, Policy, load_policy, parse_overrides
 from upmtrace.trace.io import read_trace
 
 DEFAULT_METRICS = ("exits",)  # every key under exits: userspace and VM, totals included
 
+Watch = Callable[[Any], AbstractContextManager]  # trace -> a context giving the trace to replay
 Status = Literal["ok", "improved", "within", "regressed"]
 
 
@@ -49,6 +52,21 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class TraceDelta:
+    """One fleet trace's share of a regressed total: its value then (None: not in the
+    baseline) and now."""
+
+    metric: str  # the verdict's metric: "policy:key"
+    trace: str
+    baseline: int | None
+    now: int
+
+    @property
+    def delta(self) -> int:
+        return self.now - (self.baseline or 0)
+
+
+@dataclass(frozen=True)
 class Outcome:
     """A check: one verdict per guarded metric, and what was compared."""
 
@@ -59,6 +77,7 @@ class Outcome:
     trace: str
     trace_changed: bool = False
     knob_changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    traces: tuple[TraceDelta, ...] = ()  # fleet check: the traces behind each regression
 
     @property
     def regressions(self) -> list[Verdict]:
@@ -125,8 +144,10 @@ def _leaves(node: Any, key: str) -> list[str]:
 # --- the command (reads the baseline and the trace, replays) ------------------------------
 
 
-def check(trace_path: str, request: Request) -> Outcome:
-    """Replay the trace as the baseline was and compare the guarded metrics."""
+def check(trace_path: str, request: Request, watch: Watch = nullcontext) -> Outcome:
+    """Replay the trace as the baseline was and compare the guarded metrics.
+
+    `watch(trace)` wraps the replay (the CLI's progress bar)."""
     base = read_baseline(request.baseline)
     trace = read_trace(trace_path)
     changed = trace.sha256 != base.sha256
@@ -141,7 +162,8 @@ def check(trace_path: str, request: Request) -> Outcome:
                             f"{base.platform} ({request.baseline}); pass --platform "
                             f"{base.platform}, or --update to re-baseline")
     policy = _policy(request, base)
-    result = replay(trace, policy, platform=platform, costs=request.costs)
+    with watch(trace) as watched:
+        result = replay(watched, policy, platform=platform, costs=request.costs)
     metrics = (expand_metrics(result.report, request.metrics) if request.metrics
                else base.metrics)
     tolerance = base.tolerance if request.tolerance is None else request.tolerance
@@ -169,7 +191,7 @@ def _policy(request: Request, base: Baseline) -> Policy:
     return policy.with_overrides(edits)
 
 
-def update(trace_path: str, request: Request) -> Baseline:
+def update(trace_path: str, request: Request, watch: Watch = nullcontext) -> Baseline:
     """Replay and write the baseline atomically; an existing one lends its policy and guard."""
     try:
         old: Baseline | None = read_baseline(request.baseline)
@@ -179,12 +201,12 @@ def update(trace_path: str, request: Request) -> Baseline:
         policy = load_policy(request.policy_spec, request.overrides)
     else:
         policy = (old.policy() if old else PRESETS["eager"]).with_sets(request.overrides)
-    result = replay(read_trace(trace_path), policy, platform=request.platform,
-                    costs=request.costs)
+    with watch(read_trace(trace_path)) as trace:
+        result = replay(trace, policy, platform=request.platform, costs=request.costs)
     wanted = request.metrics or (old.metrics if old else DEFAULT_METRICS)
     tolerance = request.tolerance if request.tolerance is not None else (
         old.tolerance if old else Fraction(0))
     baseline = Baseline(expand_metrics(result.report, wanted), tolerance, result,
                         request.baseline)
-    write_text(request.baseline, baseline.to_json())
+    write_text(request.baseline, baseline.to_json(), make_parents=True)
     return baseline
