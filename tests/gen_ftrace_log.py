@@ -60,7 +60,27 @@ class Costs:
     hlt: int = 48_000
     gap: int = 3_000  # guest time between two exits
     jitter: int = 0
+    split: int = 0  # added to a private fault that is the first RMP update of its 2 MiB region
 
+    @classmethod
+    def from_table(cls, t: dict[str, int], jitter: int = 0) -> Costs:
+        """Step times made of per-operation costs (upmtrace's cost categories) the way the
+        model does the work: a private fault allocates, RMP-updates and maps a page; the VMM's
+        answer to a memory fault, a PSC or a MapGPA of a fresh page is one userspace exit and
+        one attribute call; the retried access allocates and maps a shared page."""
+        exit_, convert = t["vm_exit"], t["userspace_exit"] + t["attribute_call"]
+        return cls(npf=exit_ + t["page_allocated"] + t["rmp_update_4k"] + t["mapping_4k"],
+                   fault_kernel=exit_, fault_user=convert,
+                   retry=exit_ + t["page_allocated"] + t["mapping_4k"],
+                   psc_kernel=exit_, psc_user=convert, map_kernel=exit_, map_user=convert,
+                   ghcb_kernel=exit_, ghcb_user=convert + 4_000, split=t["directmap_split"],
+                   jitter=jitter)
+
+
+# a host unlike the defaults of upmtrace's cost table: what `calibrate` should find
+MODEL_TABLE = {"vm_exit": 1_400, "userspace_exit": 6_200, "attribute_call": 3_100,
+               "page_allocated": 700, "rmp_update_4k": 850, "mapping_4k": 180,
+               "directmap_split": 16_000}
 
 CYCLE = ("npf", "implicit", "psc", "npf", "ghcb_psc", "interrupt", "map_gpa", "hlt", "npf")
 
@@ -87,6 +107,7 @@ class VCpu:
         self.events: list[tuple[int, str, str]] = []  # (ts, event, payload)
         self.next_page = 0x10000 * (index + 1)  # gfn
         self.step = 0
+        self.regions: set[int] = set()  # 2 MiB regions with a private page
 
     def jitter(self) -> int:
         self.step += 1
@@ -132,8 +153,12 @@ class VCpu:
 
     def npf(self, t: int) -> int:
         latency = self.costs.npf + self.jitter()
+        gpa = self.page()
+        if gpa >> 21 not in self.regions:  # the first private page of its 2 MiB region
+            self.regions.add(gpa >> 21)
+            latency += self.costs.split
         self.exit(t, "npf")
-        self.fault(t + 200, self.page(), True, latency)
+        self.fault(t + 200, gpa, True, latency)
         self.entry(t + latency)
         self.paired("vm", "npf", latency)
         return t + latency
@@ -226,7 +251,9 @@ def generate(vcpus: int = 4, rounds: int = 30, costs: Costs | None = None) -> Ge
     for cpu in cpus:
         t = T0 + cpu.index * 1_100
         if cpu.index == 1:  # the log begins inside a fault: no kvm_exit, so no latency
-            cpu.fault(t, cpu.page(), True, None)
+            gpa = cpu.page()
+            cpu.regions.add(gpa >> 21)
+            cpu.fault(t, gpa, True, None)
             t += 400
         cpu.entry(t)  # the first KVM_RUN (or the end of an exit the log missed)
         out.unmatched["entries_without_exit"] += 1
@@ -263,8 +290,13 @@ def main() -> None:
     parser.add_argument("--vcpus", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--jitter", type=int, default=0, help="ns added in a fixed pattern")
+    parser.add_argument("--model-costs", action="store_true",
+                        help="build the step times from MODEL_TABLE, a per-operation cost table "
+                             "(Costs.from_table), so that calibrate can recover it")
     args = parser.parse_args()
-    generated = generate(max(4, args.vcpus), args.rounds, Costs(jitter=args.jitter))
+    costs = Costs.from_table(MODEL_TABLE, args.jitter) if args.model_costs \
+        else Costs(jitter=args.jitter)
+    generated = generate(max(4, args.vcpus), args.rounds, costs)
     with open(args.output, "w") as f:
         f.write(generated.text())
 

@@ -269,6 +269,33 @@ def record(out: str, pid: int | None, duration: float | None, tool: str, dry_run
     click.echo(f"wrote {out} ({human_bytes(outcome.bytes)}){stopped}", err=True)
 
 
+@cli.command()
+@click.argument("trace", metavar="TRACE")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
+              help="Cost table to write (TOML, atomically; - for stdout); load it with --costs.")
+@click.option("--platform", type=PLATFORM, default=None,
+              help="Override the trace's platform (default: its metadata, else snp).")
+def calibrate(trace: str, out: str, platform: str | None) -> None:
+    """Fit the cost table to TRACE's recorded exit latencies.
+
+    Replays TRACE under eager and fits the per-operation costs so that the estimate per exit
+    reason (cost.by_exit) reproduces the recorded time (timing); prints the check per reason.
+    """
+    from upmtrace.atomic import write_text
+    from upmtrace.calibrate import calibrate as fit_costs
+    from upmtrace.calibrate import summary, to_toml
+    from upmtrace.trace.io import read_trace
+
+    loaded = read_trace(trace, platform=platform)
+    fit = fit_costs(loaded, platform)
+    text = to_toml(fit, trace, loaded.sha256)
+    if out == "-":
+        click.echo(text, nl=False)
+    else:
+        write_text(out, text)
+    click.echo(summary(fit, out), err=True, nl=False)
+
+
 # --- replay commands (replay, compare, policies) ------------------------------------------
 
 

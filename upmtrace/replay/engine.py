@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from upmtrace.attribution import Ledger, by_exit
 from upmtrace.costs import default_costs, estimate
 from upmtrace.errors import InputError
 from upmtrace.model.bits import block_spans
@@ -34,6 +35,8 @@ BATCH_ROWS = 262_144
 Row = tuple  # (ts, kind, vcpu, gpa, size, private, write, slot, gmem, req, op, agent)
 COLS = ("ts", "kind", "vcpu", "gpa", "size", "private", "write", "slot", "gmem", "req", "op",
         "agent")
+MF, HYPERCALL = "KVM_EXIT_MEMORY_FAULT", "KVM_EXIT_HYPERCALL"
+CAUSE = {"npf": "npf", "map_gpa": HYPERCALL}  # whose work a row's handler does (attribution.py)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class Engine:
         self.platform = platform
         self.m = Machine(policy, platform)
         self.count = self.m.count
+        self.ledger = Ledger(self.m)
         self.paranoid = paranoid
         self.peak = {"resident": 0, "shared": 0, "private": 0, "duplicate": 0, "pinned": 0}
         self.handlers: dict[str, Callable[[Row], None]] = {
@@ -101,12 +105,14 @@ class Engine:
         if row[1] == "psc":
             self.request.append(row)
         else:
+            self.ledger.switch(CAUSE.get(row[1], "none"))
             self.event_done(self.handlers[row[1]](row))
 
     def flush(self) -> None:
         """Replay the PSC request being gathered, if any."""
         if self.request:
             request, self.request = self.request, []
+            self.ledger.switch(HYPERCALL)
             self.event_done(self.psc(request))
 
     def finish(self) -> None:
@@ -175,7 +181,9 @@ class Engine:
         if private != m.attrs.is_private(gfn):
             count["exits.userspace.KVM_EXIT_MEMORY_FAULT"] += 1
             count["conversions.implicit"] += 1
+            self.ledger.switch(MF)  # the VMM converts; the retried access maps (an npf again)
             m.convert(gfn, gfn + 1, private, explicit=False)
+            self.ledger.switch("npf")
             count["exits.vm.npf"] += 1  # the retried access
         m.map_gfn(gfn, private, slot)
 
@@ -296,7 +304,8 @@ class Engine:
         shared, private, _dup = m.memory_pages()
         touched = m.touched_pages * PAGE_SIZE
         peak = {k: v * PAGE_SIZE for k, v in self.peak.items()}
-        total, by_category = estimate(c, costs or default_costs())
+        costs = costs or default_costs()
+        total, by_category = estimate(c, costs)
 
         def group(prefix: str, *keys: str) -> dict[str, int]:
             return {k: c[f"{prefix}.{k}"] for k in keys}
@@ -332,7 +341,9 @@ class Engine:
                      "pinned_peak_bytes": peak["pinned"],
                      "pinned_final_bytes": m.vfio.count * PAGE_SIZE,
                      "pages_pinned": m.vfio.pages_pinned},
-            "cost": {"total_ns": total, "by_category": by_category, "estimate": True},
+            "cost": {"total_ns": total, "by_category": by_category, "estimate": True,
+                     "by_exit": by_exit(vm, userspace, self.ledger.counts(), costs,
+                                        by_category)},
             "recorded": recorded or {},
         }
 

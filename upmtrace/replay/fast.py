@@ -100,6 +100,7 @@ def feed_other(engine: Engine, row: Row) -> None:
         engine.sample()
     engine.ts = row[0]
     engine.events += 1
+    engine.ledger.switch("none")  # no exit causes a host access (Engine.feed's CAUSE)
     if not host_access_in_block(engine, row[3], row[4]):
         engine.host_access(row)
     engine.event_done()
@@ -134,6 +135,7 @@ def host_access_in_block(engine: Engine, gpa: int, size: int) -> bool:
 def short_npf_run(engine: Engine, ts: list[int], gfn: list[int], private: list[bool]) -> None:
     """A few npf rows, one by one as Engine.feed would, without building their row tuples."""
     engine.flush()
+    engine.ledger.switch("npf")
     if short_sweep(engine, ts, gfn, private):
         return
     count, m = engine.count, engine.m
@@ -189,6 +191,7 @@ def short_sweep(engine: Engine, ts: list[int], gfn: list[int], private: list[boo
 
 def npf_run(engine: Engine, ts: np.ndarray, gfn: np.ndarray, private: np.ndarray) -> None:
     engine.flush()  # an npf row ends the PSC request being gathered
+    engine.ledger.switch("npf")
     i, n = 0, len(gfn)
     while i < n:
         if ts[i] > engine.due:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from rich import box
 from rich.table import Table
 
+from upmtrace.attribution import inclusive
+
 GROUP_COST = {"vm": "vm_exit", "userspace": "userspace_exit"}
 GROUP_LABEL = {"vm": "", "userspace": "", "vm_other": " *", "userspace_other": " *"}
 NOT_MODELLED = "* not modelled: recorded only"
@@ -26,12 +28,13 @@ def compact(title: str, caption: str | None = None) -> Table:
 
 
 def estimate(report: dict, group: str, reason: str) -> str:
-    """The model's estimated time for an exit reason: cost.by_exit when the report has it, else
+    """The model's estimated time for an exit reason: cost.by_exit when the report has it (for a
+    VM exit with the userspace exits nested in it, as its recorded latency runs), else
     the exits the model counts times the cost table's figure for that kind of exit."""
     cost = report["cost"]
     by_exit = cost.get("by_exit")
-    if isinstance(by_exit, dict) and reason in by_exit:
-        return ns(by_exit[reason])
+    if isinstance(by_exit, dict) and reason in by_exit:  # a VM exit's time includes its
+        return ns(inclusive(report, reason) if group == "vm" else by_exit[reason])  # userspace
     if group not in GROUP_COST:
         return "-"
     exits = report["exits"]
