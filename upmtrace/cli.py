@@ -125,6 +125,17 @@ def say(text: str, aside: bool) -> None:
     click.echo(text if text.endswith("\n") else text + "\n", nl=False, err=aside)
 
 
+def deliver(render, output: str | None, aside: bool) -> None:
+    """A report rendered for where it goes (--output, or the screen or stream it is printed
+    on; `aside`: standard error, since an output took standard output), then written there."""
+    shown = FILE if output else screen(sys.stderr if aside else None)
+    text = render(shown.width, shown.color)
+    if output is None and aside:
+        say(text, aside)
+    else:
+        emit(text, output)
+
+
 def emit(text: str, output: str | None) -> None:
     """The report: printed, or written to --output (atomically; `-` is standard output)."""
     if output is None:
@@ -353,12 +364,7 @@ def replay(trace: str, policy_spec: str, overrides: tuple[str, ...], costs_file:
                      by_vcpu=by_vcpu)
     if sampler:
         sampler.write(timeline)
-    shown = FILE if output else screen(sys.stderr if aside else None)
-    text = RENDERERS[fmt](result, shown.width, color=shown.color)
-    if output is None and aside:
-        say(text, aside)
-    else:
-        emit(text, output)
+    deliver(lambda width, color: RENDERERS[fmt](result, width, color=color), output, aside)
 
 
 @cli.command()
@@ -526,12 +532,7 @@ def report_outcome(outcome, fmt: str, output: str | None, junit: str | None,
 
     if junit:
         write_text(junit, RENDERERS["junit"](outcome), make_parents=True)
-    shown = FILE if output else screen(sys.stderr if aside else None)
-    text = RENDERERS[fmt](outcome, shown.width, color=shown.color)
-    if output is None and aside:
-        say(text, aside)
-    else:
-        emit(text, output)
+    deliver(lambda width, color: RENDERERS[fmt](outcome, width, color=color), output, aside)
 
 
 def _write_junit_update(junit: str | None, suite: str, note: str) -> None:
