@@ -51,11 +51,11 @@ fi
 
 # a fixed, smaller example budget: every mutant sees the same examples (tests/conftest.py)
 export UPMTRACE_FUZZ=mutation UPMTRACE_FUZZ_EXAMPLES="${UPMTRACE_FUZZ_EXAMPLES:-25}"
-.venv/bin/mutmut run --max-children "$jobs" > mutmut-run.log 2>&1 || {
+.venv/bin/python -m mutmut run --max-children "$jobs" > mutmut-run.log 2>&1 || {
     tail -40 mutmut-run.log >&2
     exit 1
 }
-.venv/bin/mutmut results --all true > results.txt || true
+.venv/bin/python -m mutmut results --all true > results.txt || true
 grep -Ev ': (killed|timeout)$' results.txt || true
 count() { grep -Ec ": ($1)\$" results.txt || true; }
 detected=$(count 'killed|timeout') run=$(grep -c ': ' results.txt || true)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 LONG = os.environ.get("UPMTRACE_FUZZ") == "long"
 
@@ -18,7 +18,8 @@ settings.register_profile(
     suppress_health_check=list(HealthCheck))
 settings.register_profile(
     "mutation", max_examples=int(os.environ.get("UPMTRACE_FUZZ_EXAMPLES", "40")), deadline=None,
-    derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    derandomize=True, database=None, suppress_health_check=list(HealthCheck),
+    phases=(Phase.explicit, Phase.reuse, Phase.generate))  # a mutant fails fast: no shrinking
 if os.environ.get("UPMTRACE_FUZZ") in ("long", "mutation"):
     settings.load_profile(os.environ["UPMTRACE_FUZZ"])
 
