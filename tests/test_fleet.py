@@ -19,6 +19,7 @@ from upmtrace.fleet.pairs import (
     METRICS,
     RESULT_SCHEMA,
     Fleet,
+    _groups,
     find_traces,
     flatten,
     replay_pair,
@@ -159,6 +160,45 @@ def test_column_types_do_not_depend_on_failures(tmp_path, corrupt):
     only_failed = run(Fleet((str(corrupt),), eager), LocalExecutor(1))
     fine = run(Fleet((str(corrupt.parent / "flip-01.parquet"),), eager), LocalExecutor(1))
     assert only_failed.schema == fine.schema == RESULT_SCHEMA
+
+
+def test_one_pass_per_trace_gives_each_policy_its_own_replays_row(fleet_dir, monkeypatch):
+    """With one worker, each trace is read and decoded once for all its policies
+    (replay_many), and every row is the row of that policy's own replay."""
+    package = sys.modules["upmtrace.replay"]  # the package (upmtrace.replay is its function)
+    many, passes = package.replay_many, []
+
+    def counting(trace, policies, **kwargs):
+        passes.append([p.name for p in policies])
+        return many(trace, policies, **kwargs)
+
+    monkeypatch.setattr(package, "replay_many", counting)
+    policies = (PRESETS["eager"], PRESETS["lazy"], PRESETS["hugepool"])
+    traces = tuple(str(fleet_dir / f"flip-{n:02}.parquet") for n in (1, 4))
+    table = run(Fleet(traces, policies), LocalExecutor(1))
+    assert passes == [["eager", "lazy", "hugepool"]] * 2
+    monkeypatch.setattr(package, "replay_many", many)
+    for row in table.to_pylist():
+        alone = replay_pair(row["trace.path"], PRESETS[row["policy.name"]].to_json(), None, None)
+        assert row == alone
+
+
+def test_a_trace_that_fails_fails_every_policy_of_its_pass(corrupt):
+    table = run(Fleet((str(corrupt),), (PRESETS["eager"], PRESETS["lazy"])), LocalExecutor(1))
+    rows = table.to_pylist()
+    assert [r["policy.name"] for r in rows] == ["eager", "lazy"]
+    assert all(r["error"].startswith(f"{corrupt}: not a readable Parquet file (") for r in rows)
+
+
+@pytest.mark.parametrize("traces, policies, workers, groups", [
+    (1, 4, 2, [[0, 1], [2, 3]]),  # one trace, two workers: two passes of two policies
+    (1, 3, 2, [[0], [1, 2]]),
+    (3, 4, 2, [[0, 1, 2, 3]]),  # enough traces to keep the workers busy: one pass each
+    (1, 1, 8, [[0]]),
+    (2, 5, 8, [[0], [1], [2], [3, 4]]),  # four jobs per trace: one per worker
+])
+def test_policies_are_split_only_as_far_as_the_workers_need(traces, policies, workers, groups):
+    assert _groups(traces, policies, workers) == groups
 
 
 # --- the summary ---------------------------------------------------------------------------

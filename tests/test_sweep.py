@@ -114,13 +114,19 @@ def test_each_policy_is_its_own_replay(trace):
 def replays(monkeypatch) -> list[str]:
     """The policy of every replay the workers ran (in this process: --workers 1)."""
     names: list[str] = []
-    real = replay
+    package = sys.modules["upmtrace.replay"]  # the package (upmtrace.replay is its function)
+    one, many = package.replay, package.replay_many
 
     def counting(trace, policy, **kwargs):
         names.append(policy.name)
-        return real(trace, policy, **kwargs)
+        return one(trace, policy, **kwargs)
 
-    monkeypatch.setattr(sys.modules["upmtrace.replay"], "replay", counting)  # the package
+    def counting_many(trace, policies, **kwargs):
+        names.extend(policy.name for policy in policies)
+        return many(trace, policies, **kwargs)
+
+    monkeypatch.setattr(package, "replay", counting)
+    monkeypatch.setattr(package, "replay_many", counting_many)
     return names
 
 

@@ -1,8 +1,9 @@
 """Fleet replay: every (trace, policy) pair of many traces, on a process pool or a Dask cluster.
 
-A worker runs `replay_pair` on its own: it opens the trace file itself (a path or a URL pyarrow
-can open), so only a path and a policy travel to it, and it returns one flat row: the report
-keys with dotted names. Rows are gathered as they complete and written sorted by (trace path,
+A worker runs `replay_trace` on its own: it opens the trace file itself (a path or a URL pyarrow
+can open), so only a path and the policies travel to it, replays the trace once for all of them
+(upmtrace.replay.replay_many), and returns one flat row per policy: the report keys with dotted
+names. Rows are gathered as they complete and written sorted by (trace path,
 policy order), so every executor (upmtrace.fleet.executors) gives the same bytes.
 """
 
@@ -136,37 +137,52 @@ def check_policies(policies: Sequence[Policy]) -> None:
 
 # --- the worker ----------------------------------------------------------------------------
 
-Job = tuple[str, dict[str, Any], str | None, dict[str, int] | None]  # replay_pair's arguments
+# replay_trace's arguments: a trace, the policies (as JSON) it is replayed under, platform, costs
+Job = tuple[str, list[dict[str, Any]], str | None, dict[str, int] | None]
 
 
 def replay_pair(path: str, policy_json: dict[str, Any], platform: str | None,
                 costs: dict[str, int] | None) -> dict[str, Any]:
-    """Read the trace at `path`, replay it under the policy; one result row, never raises.
+    """replay_trace for one policy: its one result row."""
+    return replay_trace(path, [policy_json], platform, costs)[0]
 
-    A pair that fails (unreadable or invalid trace, or anything else) is a row whose `error`
-    says why in one line, its metric columns null.
+
+def replay_trace(path: str, policies_json: list[dict[str, Any]], platform: str | None,
+                 costs: dict[str, int] | None) -> list[dict[str, Any]]:
+    """Read the trace at `path` once and replay it under every policy (replay_many: the trace
+    is read, validated and decoded once); one result row per policy, in order. Never raises.
+
+    A trace that fails (unreadable or invalid, or anything else) gives every policy a row whose
+    `error` says why in one line, its metric columns null.
     """
-    from upmtrace.replay import replay
+    from upmtrace.replay import replay_many
     from upmtrace.trace.io import read_trace
 
-    policy = Policy(**policy_json)
-    row: dict[str, Any] = dict.fromkeys(RESULT_SCHEMA.names)
-    row.update({"trace.path": path, **{f"policy.{k}": v for k, v in policy.to_json().items()}})
+    policies = [Policy(**policy_json) for policy_json in policies_json]
+    rows = [_blank_row(path, policy.to_json()) for policy in policies]
     try:
         with _opened(path) as local:
             try:
-                report = replay(read_trace(local, platform=platform), policy,
-                                costs=costs).report
+                reports = [r.report for r in replay_many(read_trace(local, platform=platform),
+                                                         policies, costs=costs)]
             except UpmtraceError as err:
                 raise UpmtraceError(str(err).replace(local, path)) from None
     except UpmtraceError as err:
-        return {**row, "error": one_line(str(err))}
-    except Exception as err:  # a bug must not stop the fleet: it is this pair's error
-        return {**row, "error": one_line(f"{path}: internal error: {type(err).__name__}: {err}")}
-    flat = dict(flatten(report))
-    row.update({name: flat[name] for name in ("trace.sha256", "trace.events", "trace.platform",
-                                               *METRICS)})
-    row["recorded"] = json.dumps(report.get("recorded") or {}, sort_keys=True)
+        return [{**row, "error": one_line(str(err))} for row in rows]
+    except Exception as err:  # a bug must not stop the fleet: it is these pairs' error
+        error = one_line(f"{path}: internal error: {type(err).__name__}: {err}")
+        return [{**row, "error": error} for row in rows]
+    for row, report in zip(rows, reports, strict=True):
+        flat = dict(flatten(report))
+        row.update({name: flat[name] for name in ("trace.sha256", "trace.events",
+                                                   "trace.platform", *METRICS)})
+        row["recorded"] = json.dumps(report.get("recorded") or {}, sort_keys=True)
+    return rows
+
+
+def _blank_row(path: str, policy_json: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(RESULT_SCHEMA.names)
+    row.update({"trace.path": path, **{f"policy.{k}": v for k, v in policy_json.items()}})
     return row
 
 
@@ -197,12 +213,11 @@ def flatten(node: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]
             yield f"{prefix}{key}", value
 
 
-def failed_row(job: Job, error: str) -> dict[str, Any]:
-    """The row of a pair whose worker never answered (it died, or the cluster lost it)."""
-    path, policy_json = job[0], job[1]
-    return {**dict.fromkeys(RESULT_SCHEMA.names), "trace.path": path,
-            **{f"policy.{k}": v for k, v in policy_json.items()},
-            "error": one_line(f"{path}: {error}")}
+def failed_rows(job: Job, error: str) -> list[dict[str, Any]]:
+    """The rows of a job whose worker never answered (it died, or the cluster lost it)."""
+    path, policies_json = job[0], job[1]
+    return [{**_blank_row(path, policy_json), "error": one_line(f"{path}: {error}")}
+            for policy_json in policies_json]
 
 
 # --- running a fleet -----------------------------------------------------------------------
@@ -223,20 +238,39 @@ class Fleet:
 
 def run(fleet: Fleet, executor: Executor,
         on_row: Callable[[dict[str, Any]], None] | None = None) -> pa.Table:
-    """Replay every pair; the results table in (trace path, policy order) order."""
+    """Replay every pair; the results table in (trace path, policy order) order.
+
+    Each job replays one trace under a group of its policies in one pass (replay_trace). A
+    trace's policies are split into as many groups as it takes to give every worker a job,
+    and no more: fewer groups share more of the reading and decoding."""
     check_policies(fleet.policies)
     pairs = fleet.pairs()
-    sent = [trace if _is_url(trace) else os.path.abspath(trace) for trace, _ in pairs]
-    jobs: list[Job] = [(path, policy.to_json(), fleet.platform, fleet.costs)
-                       for path, (_, policy) in zip(sent, pairs, strict=True)]
-    rows: list[dict[str, Any] | None] = [None] * len(jobs)
-    for index, outcome in executor.run(replay_pair, jobs):
-        row = outcome.value if outcome.error is None else failed_row(jobs[index],
-                                                                     outcome.describe())
-        rows[index] = _relabel(row, pairs[index][0], sent[index])
-        if on_row is not None:
-            on_row(rows[index])
+    groups = _groups(len(fleet.traces), len(fleet.policies), getattr(executor, "workers", 1))
+    jobs: list[Job] = []
+    members: list[list[int]] = []  # the pair indices of each job
+    for t, trace in enumerate(fleet.traces):
+        sent = trace if _is_url(trace) else os.path.abspath(trace)
+        for group in groups:
+            jobs.append((sent, [fleet.policies[p].to_json() for p in group], fleet.platform,
+                         fleet.costs))
+            members.append([t * len(fleet.policies) + p for p in group])
+    rows: list[dict[str, Any] | None] = [None] * len(pairs)
+    for index, outcome in executor.run(replay_trace, jobs):
+        job = jobs[index]
+        got = outcome.value if outcome.error is None else failed_rows(job, outcome.describe())
+        for pair, row in zip(members[index], got, strict=True):
+            rows[pair] = _relabel(row, pairs[pair][0], job[0])
+            if on_row is not None:
+                on_row(rows[pair])
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+def _groups(traces: int, policies: int, workers: int) -> list[list[int]]:
+    """Policy indices split into contiguous groups: one group per trace when there are at
+    least as many traces as workers, else enough groups per trace to keep every worker busy."""
+    count = max(1, min(policies, -(-max(1, workers) // max(1, traces))))
+    bounds = [i * policies // count for i in range(count + 1)]  # sizes differ by one at most
+    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def _relabel(row: dict[str, Any], shown: str, sent: str) -> dict[str, Any]:
