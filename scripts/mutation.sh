@@ -44,13 +44,14 @@ fi
     echo "only_mutate ="
     printf '    %s\n' "${patterns[@]}"
     echo "pytest_add_cli_args_test_selection ="
-    printf '    %s\n' tests/test_oracle.py tests/test_engine_scenarios.py
+    printf '    %s\n' tests/test_oracle.py tests/test_engine_scenarios.py tests/test_engine_devices.py \
+        tests/test_engine_edges.py
     echo "pytest_add_cli_args ="
     printf '    %s\n' -p no:cacheprovider -x -q
 } > setup.cfg
 
 # a fixed, smaller example budget: every mutant sees the same examples (tests/conftest.py)
-export UPMTRACE_FUZZ=mutation UPMTRACE_FUZZ_EXAMPLES="${UPMTRACE_FUZZ_EXAMPLES:-25}"
+export UPMTRACE_FUZZ=mutation UPMTRACE_FUZZ_EXAMPLES="${UPMTRACE_FUZZ_EXAMPLES:-100}"
 .venv/bin/python -m mutmut run --max-children "$jobs" > mutmut-run.log 2>&1 || {
     tail -40 mutmut-run.log >&2
     exit 1

@@ -18,6 +18,8 @@ times exits.userspace[reason].
 
 from __future__ import annotations
 
+from operator import add, sub
+
 from upmtrace.costs import DEFAULTS
 
 NONE = "none"
@@ -75,9 +77,9 @@ class Ledger:
         """Charge what moved since the last switch to the current cause."""
         now = work(self.m)
         if now != self.last:
-            acc = self.by_cause.setdefault(self.cause, [0] * len(WORK))
-            for i, (a, b) in enumerate(zip(now, self.last, strict=True)):
-                acc[i] += a - b
+            moved = map(sub, now, self.last)
+            acc = self.by_cause.get(self.cause)
+            self.by_cause[self.cause] = list(map(add, acc, moved) if acc else moved)
             self.last = now
 
     def counts(self) -> dict[str, dict[str, int]]:
