@@ -216,3 +216,14 @@ def test_vfio_on_convert_follows_an_implicit_conversion():
            conversions__to_shared_pages=1, mappings__4k=1, vfio__dma_map_calls=1,
            vfio__pinned_peak_bytes=4 * K, vfio__pinned_final_bytes=4 * K, vfio__pages_pinned=1)
     assert memory(r)["pages_allocated"] == 1
+
+
+# --- mutants of machine.py ----------------------------------------------------------------------
+
+def test_vfio_pinning_shared_copies_leaves_the_private_copies_stale():
+    """Only a pinned shared copy is never stale: the private copies of pinned pages converted
+    to shared are stale, and reclaimed over the limit (one page: P0 goes, P1 stays)."""
+    eng = engine(*PRIVATE_SLOT, npf(0, True), npf(4 * K, True), psc(0, 8 * K, "shared"),
+                 policy="lazy", lazy_limit=4 * K, vfio="pin-all")
+    assert eng.m.stale == {1: 1} and eng.m.pools[True].pages == {0: 0b10}
+    assert eng.count["memory.pages_freed"] == 1

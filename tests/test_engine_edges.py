@@ -5,7 +5,23 @@ scripts/mutation.sh)."""
 from __future__ import annotations
 
 import pytest
-from scenario import K, M, attrs, expect, host, memory, memslot, npf, psc, replay
+from scenario import (
+    K,
+    M,
+    attrs,
+    expect,
+    host,
+    map_gpa,
+    memory,
+    memslot,
+    npf,
+    populate,
+    psc,
+    replay,
+)
+
+from upmtrace.errors import InputError
+from upmtrace.model import machine
 
 SLOT = memslot(0, 0, 4 * M)  # two 2 MiB blocks, guest_memfd
 PRIVATE_SLOT = (SLOT, attrs(0, 4 * M))  # as QEMU creates it: all private
@@ -136,3 +152,34 @@ def test_prefault_of_private_pages_uses_the_gmem_page_size_not_the_shared_one():
     r = replay(*PRIVATE_SLOT, psc(0, 16 * K, "private"), policy="prefault", shared_page="2m")
     assert r.get("mappings.4k") == 4 and r.get("mappings.2m") == 0
     assert (memory(r)["peak_private"], memory(r)["peak_shared"]) == (4, 0)
+
+
+# --- mutants of machine.py: the populate limit --------------------------------------------------
+
+T = 1 << 40
+OVER = ("0x20000000000 bytes at gpa 0x40000000000 would populate more than the model's limit of "
+        "1 TiB in one event")
+
+
+@pytest.mark.parametrize("rows, knobs, what", [
+    ((memslot(0, 4 * T, 2 * T), populate(4 * T, 2 * T)), {}, "populate"),
+    ((memslot(0, 4 * T, 2 * T), map_gpa(4 * T, 2 * T, True)), {"prefault": True}, "prefault"),
+    ((memslot(0, 4 * T, 2 * T),), {"vfio": "pin-all"}, "vfio DMA map"),
+])
+def test_an_event_over_the_populate_limit_is_refused_with_its_size_and_address(rows, knobs, what):
+    """A 2 TiB slot at 4 TiB: the event names itself, its size and address in bytes."""
+    with pytest.raises(InputError) as refused:
+        replay(*rows, **knobs)
+    assert str(refused.value) == f"{what} of {OVER}"
+
+
+def test_the_populate_limit_is_inclusive(monkeypatch):
+    """Exactly the limit populates (lowered here: populating 1 TiB takes seconds), one page more
+    is refused."""
+    monkeypatch.setattr(machine, "POPULATE_LIMIT_PAGES", 4)
+    r = replay(memslot(0, 2 * M, 2 * M), attrs(2 * M, 2 * M), populate(2 * M, 16 * K))
+    assert r.get("populate.pages") == 4
+    with pytest.raises(InputError) as refused:
+        replay(memslot(0, 2 * M, 2 * M), attrs(2 * M, 2 * M), populate(2 * M, 20 * K))
+    assert str(refused.value) == ("populate of 0x5000 bytes at gpa 0x200000 would populate more "
+                                  "than the model's limit of 1 TiB in one event")

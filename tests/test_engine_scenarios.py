@@ -405,3 +405,103 @@ def test_lazy_set_attributes_that_changes_a_page_back_revives_its_stale_copy():
     eng = engine(*LAZY_REPRO, attrs(4 * K, 4 * K), policy="lazy", lazy_limit=4 * K)
     assert eng.m.stale == {}  # P1 is live again; S1 is not marked (set_attributes frees nothing)
     assert eng.m.pools[True].pages == {0: 0b10} and eng.m.pools[False].pages == {0: 0b10}
+
+
+# --- mutants of machine.py: stale copies, freeing, prefault ------------------------------------
+
+def test_lazy_stale_copies_in_a_block_past_the_first_are_revived_reclaimed_and_freed():
+    """Block 1 (gfn 513-515), lazy, limit one page. Host accesses populate shared copies of
+    private pages, which are live, not stale: making such a page shared, or deleting the slot,
+    finds no stale entry for it. A stale copy revived by a set_attributes row is no longer
+    stale, so the next stale copy reclaims nothing and S514 is still there for the host."""
+    g = 2 * M  # gfn 512
+    r = replay(SLOT,
+               npf(g + 4 * K, True),  # P513
+               psc(g + 4 * K, 4 * K, "shared", req=1),  # P513 stale
+               host(g + 4 * K, 4 * K),  # S513
+               npf(g + 8 * K, True),  # P514
+               host(g + 8 * K, 4 * K),  # S514: live, not stale
+               psc(g + 8 * K, 4 * K, "shared", req=2),  # P514 stale: P513 (older) reclaimed
+               attrs(g + 8 * K, 4 * K),  # P514 revived: nothing stale
+               npf(g + 12 * K, True),  # P515
+               psc(g + 12 * K, 4 * K, "shared", req=3),  # P515 stale: within the limit
+               host(g + 8 * K, 4 * K),  # S514 still resident: nothing to populate
+               memslot(0, 0, 0),
+               policy="lazy", lazy_limit=4 * K)
+    expect(r, exits__userspace__KVM_EXIT_MEMORY_FAULT=3, exits__userspace__KVM_EXIT_HYPERCALL=3,
+           exits__userspace_total=6, exits__vm__npf=6, exits__vm__vmgexit=3, exits__vm_total=9,
+           npf__recorded=3, conversions__implicit=3, conversions__set_attributes_calls=7,
+           conversions__to_private_pages=4, conversions__to_shared_pages=3, psc__requests=3,
+           psc__entries=3, rmp__updates_4k=6, directmap__splits=1, mappings__4k=3,
+           host_access__pages=3, host_access__stale=2)
+    mem = memory(r)
+    assert (mem["pages_allocated"], mem["pages_freed"], mem["final_resident"]) == (5, 5, 0)
+
+
+def test_lazy_reclaim_skips_the_entry_of_a_copy_revived_since():
+    """Lazy, limit one page: P0's stale entry stays first in line after P0 is converted back;
+    when P2 goes stale, reclaim passes it and frees P1, the oldest stale copy."""
+    eng = engine(*PRIVATE_SLOT, *(npf(g * 4 * K, True) for g in range(3)),
+                 psc(0, 4 * K, "shared", req=1),  # P0 stale
+                 psc(0, 4 * K, "private", req=2),  # P0 live again
+                 psc(4 * K, 4 * K, "shared", req=3),  # P1 stale
+                 psc(8 * K, 4 * K, "shared", req=4),  # P2 stale: over the limit, P1 freed
+                 policy="lazy", lazy_limit=4 * K)
+    assert eng.m.pools[True].pages == {0: 0b101} and sorted(eng.m.stale) == [2]
+    assert eng.count["memory.pages_freed"] == 1
+
+
+def test_eager_freeing_passes_a_block_with_nothing_to_free_and_counts_every_folio_split():
+    r = replay(SLOT, npf(0, True), npf(600 * 4 * K, True),
+               map_gpa(4 * K, 4 * M - 4 * K, False))  # block 0 frees nothing; P600 freed
+    assert memory(r)["pages_freed"] == 1 and memory(r)["final_resident"] == 1
+    r = replay(*PRIVATE_SLOT, npf(0, True), npf(2 * M, True), psc(4 * K, 4 * K, "shared"),
+               psc(2 * M + 4 * K, 4 * K, "shared", req=2), gmem_page="2m")
+    expect(r, exits__userspace__KVM_EXIT_HYPERCALL=2, exits__userspace_total=2,
+           exits__vm__npf=2, exits__vm__vmgexit=2, exits__vm_total=4, npf__recorded=2,
+           conversions__set_attributes_calls=3, conversions__to_private_pages=1024,
+           conversions__to_shared_pages=2, psc__requests=2, psc__entries=2,
+           gmem__folio_splits=2, rmp__updates_4k=2, rmp__updates_2m=2, rmp__psmash=2,
+           directmap__splits=2, mappings__2m=2)
+
+
+def test_freeing_a_shared_copy_leaves_the_rmp_alone():
+    """P0 is RMP-private; the host populates S0; converting gfn 0 to private (already
+    private) frees S0, a shared page: no RMP update."""
+    r = replay(*PRIVATE_SLOT, npf(0, True), host(0, 4 * K), psc(0, 4 * K, "private"))
+    expect(r, exits__userspace__KVM_EXIT_HYPERCALL=1, exits__userspace_total=1,
+           exits__vm__npf=1, exits__vm__vmgexit=1, exits__vm_total=2, npf__recorded=1,
+           conversions__set_attributes_calls=2, conversions__to_private_pages=1024,
+           psc__requests=1, psc__entries=1, rmp__updates_4k=1, directmap__splits=1,
+           mappings__4k=1, host_access__pages=1, host_access__stale=1)
+    assert (memory(r)["pages_freed"], memory(r)["final_resident"]) == (1, 1)
+
+
+def test_prefault_goes_on_past_a_block_already_mapped_or_mapped_2m():
+    r = replay(*PRIVATE_SLOT, npf(2 * M - 4 * K, True),
+               map_gpa(2 * M - 4 * K, 8 * K, True),  # gfn 511 mapped already: 512 mapped
+               policy="prefault")
+    expect(r, exits__userspace__KVM_EXIT_HYPERCALL=1, exits__userspace_total=1,
+           exits__vm__npf=1, exits__vm__vmgexit=1, exits__vm_total=2, npf__recorded=1,
+           conversions__set_attributes_calls=2, conversions__to_private_pages=1024,
+           rmp__updates_4k=2, directmap__splits=2, mappings__4k=2)
+    r = replay(*PRIVATE_SLOT, map_gpa(0, 4 * M, True), policy="prefault", gmem_page="2m")
+    expect(r, exits__userspace__KVM_EXIT_HYPERCALL=1, exits__userspace_total=1,
+           exits__vm__vmgexit=1, exits__vm_total=1, conversions__set_attributes_calls=2,
+           conversions__to_private_pages=1024, rmp__updates_2m=2, mappings__2m=2)
+
+
+def test_prefault_into_a_split_folio_allocates_only_the_pages_it_maps():
+    """gmem_page 2m: P2 and P10 freed split the folio; prefaulting gfn 0-3 allocates P2 only,
+    and the folio stays split (freeing P2 again is no new split)."""
+    r = replay(*PRIVATE_SLOT, npf(0, True), psc(8 * K, 4 * K, "shared", req=1),
+               psc(40 * K, 4 * K, "shared", req=2), psc(0, 16 * K, "private", req=3),
+               psc(8 * K, 4 * K, "shared", req=4), policy="prefault", gmem_page="2m")
+    expect(r, exits__userspace__KVM_EXIT_HYPERCALL=4, exits__userspace_total=4,
+           exits__vm__npf=1, exits__vm__vmgexit=4, exits__vm_total=5, npf__recorded=1,
+           conversions__set_attributes_calls=5, conversions__to_private_pages=1025,
+           conversions__to_shared_pages=3, psc__requests=4, psc__entries=4,
+           gmem__folio_splits=1, rmp__updates_4k=4, rmp__updates_2m=1, rmp__psmash=1,
+           directmap__splits=1, mappings__4k=7, mappings__2m=1)
+    mem = memory(r)  # the folio, S2, S10, P2, S2 again; P2, P10, S2, P2 freed
+    assert (mem["pages_allocated"], mem["pages_freed"], mem["final_resident"]) == (516, 4, 512)
