@@ -227,3 +227,14 @@ def test_vfio_pinning_shared_copies_leaves_the_private_copies_stale():
                  policy="lazy", lazy_limit=4 * K, vfio="pin-all")
     assert eng.m.stale == {1: 1} and eng.m.pools[True].pages == {0: 0b10}
     assert eng.count["memory.pages_freed"] == 1
+
+
+def test_inplace_a_2m_private_mapping_makes_all_its_pages_rmp_private_at_4k():
+    """512 updates at 4 KiB when the block is mapped 2 MiB, one back for gfn 0."""
+    r = replay(*PRIVATE_SLOT, npf(0, True), psc(0, 4 * K, "shared"), policy="inplace",
+               gmem_page="2m")
+    expect(r, exits__userspace__KVM_EXIT_HYPERCALL=1, exits__userspace_total=1,
+           exits__vm__npf=1, exits__vm__vmgexit=1, exits__vm_total=2, npf__recorded=1,
+           conversions__set_attributes_calls=2, conversions__to_private_pages=1024,
+           conversions__to_shared_pages=1, psc__requests=1, psc__entries=1,
+           rmp__updates_4k=513, directmap__splits=1, mappings__2m=1)

@@ -9,6 +9,7 @@ from scenario import (
     K,
     M,
     attrs,
+    engine,
     expect,
     host,
     map_gpa,
@@ -165,6 +166,8 @@ OVER = ("0x20000000000 bytes at gpa 0x40000000000 would populate more than the m
     ((memslot(0, 4 * T, 2 * T), populate(4 * T, 2 * T)), {}, "populate"),
     ((memslot(0, 4 * T, 2 * T), map_gpa(4 * T, 2 * T, True)), {"prefault": True}, "prefault"),
     ((memslot(0, 4 * T, 2 * T),), {"vfio": "pin-all"}, "vfio DMA map"),
+    ((memslot(0, 4 * T, 2 * T), map_gpa(4 * T, 2 * T, False)), {"vfio": "on-convert"},
+     "vfio DMA map"),
 ])
 def test_an_event_over_the_populate_limit_is_refused_with_its_size_and_address(rows, knobs, what):
     """A 2 TiB slot at 4 TiB: the event names itself, its size and address in bytes."""
@@ -183,3 +186,31 @@ def test_the_populate_limit_is_inclusive(monkeypatch):
         replay(memslot(0, 2 * M, 2 * M), attrs(2 * M, 2 * M), populate(2 * M, 20 * K))
     assert str(refused.value) == ("populate of 0x5000 bytes at gpa 0x200000 would populate more "
                                   "than the model's limit of 1 TiB in one event")
+
+
+# --- mutants of machine.py: the invariant checker (every scenario replays with it) -------------
+
+def broken_pinned_stale(m) -> None:
+    m.stale[1] = 1  # S1 is pinned: it cannot be a stale copy
+
+
+def broken_mapping(m) -> None:
+    m.maps.small[1][1] = 1  # P512 mapped, not resident
+
+
+@pytest.mark.parametrize("rows, knobs, corrupt, message", [
+    ((*PRIVATE_SLOT, psc(0, 8 * K, "private")), {"policy": "lazy", "vfio": "pin-all"},
+     broken_pinned_stale, "stale shared copy 1 is pinned"),
+    (PRIVATE_SLOT, {}, broken_mapping, "block 1: mapped but unbacked"),
+    (PRIVATE_SLOT, {}, lambda m: m.count.update({"npf.recorded": -1}),
+     "a counter went negative"),
+    ((*PRIVATE_SLOT, npf(0, True)), {}, lambda m: m.rmp.private.update({0: 0b11}),
+     "RMP-private != guest_memfd"),
+])
+def test_the_invariant_checker_catches_a_broken_state(rows, knobs, corrupt, message):
+    m = engine(*rows, **knobs).m
+    m.check_invariants()
+    corrupt(m)
+    with pytest.raises(AssertionError) as caught:
+        m.check_invariants()
+    assert str(caught.value) == message
