@@ -206,6 +206,8 @@ def broken_mapping(m) -> None:
      "a counter went negative"),
     ((*PRIVATE_SLOT, npf(0, True)), {}, lambda m: m.rmp.private.update({0: 0b11}),
      "RMP-private != guest_memfd"),
+    (PRIVATE_SLOT, {}, lambda m: m.pools[0].pages.update({5: 0}), "shared: empty bitmap kept"),
+    (PRIVATE_SLOT, {}, lambda m: m.pools[1].pages.update({5: 0}), "private: empty bitmap kept"),
 ])
 def test_the_invariant_checker_catches_a_broken_state(rows, knobs, corrupt, message):
     m = engine(*rows, **knobs).m

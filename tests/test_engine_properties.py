@@ -141,13 +141,12 @@ class StaleShadow:
         """After the conversion's DMA unmap: only a shared copy can be pinned."""
         return side is False and self.m.vfio.bitmap(gfn >> 9) >> (gfn & 511) & 1 == 1
 
-    def on_set_attributes(self, g0: int, g1: int, private: bool) -> bool:
+    def on_set_attributes(self, g0: int, g1: int, private: bool) -> None:
         before = [self.m.attrs.is_private(g) for g in range(g0, g1)]
-        changed = self.set_attributes(g0, g1, private)
+        self.set_attributes(g0, g1, private)
         for g, was in zip(range(g0, g1), before, strict=True):
             if was != private:
                 self.stale.pop((private, g), None)
-        return changed
 
     def on_convert(self, g0: int, g1: int, private: bool, explicit: bool) -> None:
         self.age += 1

@@ -29,7 +29,6 @@ BLOCK_MASK = PAGES_PER_BLOCK - 1
 class Machine:
     def __init__(self, policy: Policy, platform: Platform) -> None:
         self.policy = policy
-        self.platform = platform
         self.snp = platform is Platform.SNP
         self.tdx = platform is Platform.TDX
         self.inplace = policy.backing == "inplace"
@@ -116,12 +115,12 @@ class Machine:
 
     # --- attributes and conversion ----------------------------------------------------------
 
-    def set_attributes(self, g0: int, g1: int, private: bool) -> bool:
-        """One KVM_SET_MEMORY_ATTRIBUTES call; zaps when anything changed. True if it did."""
+    def set_attributes(self, g0: int, g1: int, private: bool) -> None:
+        """One KVM_SET_MEMORY_ATTRIBUTES call; zaps when anything changed."""
         self.count["conversions.set_attributes_calls"] += 1
         changed = self.attrs.set_range(g0, g1, private)
         if not changed:
-            return False
+            return
         pages = sum(hi - lo for lo, hi in changed)
         self.count["conversions.to_private_pages" if private else "conversions.to_shared_pages"] \
             += pages
@@ -134,7 +133,6 @@ class Machine:
             self.grew = True
         if self.lazy:
             self._revive(changed, private)
-        return True
 
     def set_attributes_row(self, g0: int, g1: int, private: bool) -> None:
         """The VMM marking memory on its own (QEMU at slot creation): no exit, nothing freed."""
