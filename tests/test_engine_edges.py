@@ -364,3 +364,20 @@ def test_a_dma_map_over_two_slots_past_the_limit_names_the_lower_one():
             attrs(0, 4 * tib, private=False))
     with pytest.raises(InputError, match=r"vfio DMA map of 0x10000001000 bytes at gpa 0x0 "):
         replay(*rows, vfio="on-convert")
+
+
+def test_machine_self_check_catches_an_unbacked_mapping_in_each_table():
+    m = engine(SLOT).m
+    m.check_invariants()
+    for table in (m.maps.huge, *m.maps.small):
+        table[1] = True if table is m.maps.huge else 1
+        _fails(m.check_invariants, "block 1: mapped but unbacked")
+        del table[1]
+    m.check_invariants()
+
+
+def test_attribute_block_bitmap_of_a_block_inside_one_private_run_is_the_full_block():
+    attrs_ = AttributeMap()
+    attrs_.set_range(0, 1024, True)
+    assert attrs_.block_bitmap(512, 512) == FULL
+    assert attrs_.block_bitmap(1024, 512) == 0

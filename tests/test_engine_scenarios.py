@@ -458,3 +458,20 @@ def test_the_batch_path_finds_no_private_gfn_when_no_attribute_is_private():
         r = replay_rows(rows, reference)
         expect(r, exits__vm__npf=71, exits__vm_total=71, npf__recorded=71, npf__mmio=1,
                mappings__4k=70)
+
+
+def test_marking_shared_the_pages_just_after_a_private_run_changes_and_zaps_nothing():
+    """Page 0 private, page 1 shared and mapped: marking page 1 shared again is no change, so
+    its mapping stays and the second access is avoided."""
+    r = replay(SLOT, attrs(0, 4 * K), npf(4 * K, False), attrs(4 * K, 4 * K, False),
+               npf(4 * K, False))
+    expect(r, exits__vm__npf=1, exits__vm_total=1, npf__recorded=2, npf__avoided=1,
+           conversions__set_attributes_calls=2, conversions__to_private_pages=1, mappings__4k=1)
+
+
+def test_the_blocks_of_a_memslot_above_gpa_0_map_at_2m():
+    r = replay(memslot(0, 2 * M, 4 * M), attrs(2 * M, 4 * M), npf(2 * M, True),
+               npf(4 * M + 4 * K, True), gmem_page="2m")
+    expect(r, exits__vm__npf=2, exits__vm_total=2, npf__recorded=2,
+           conversions__set_attributes_calls=1, conversions__to_private_pages=1024,
+           rmp__updates_2m=2, mappings__2m=2)
