@@ -275,6 +275,7 @@ def record(out: str, pid: int | None, duration: float | None, tool: str, dry_run
     if dry_run:
         click.echo(recorder.recipe(request, recorder.plan(request)), nl=False)
         return
+    check_outputs(Out(out, "-o"))  # before the recording, not after it
     outcome = recorder.record(request, notify=lambda text: click.echo(text, err=True))
     stopped = "; recording stopped by Ctrl-C" if outcome.interrupted else ""
     click.echo(f"wrote {out} ({human_bytes(outcome.bytes)}){stopped}", err=True)
