@@ -293,7 +293,8 @@ def test_a_failed_pair_is_a_row_and_exit_3(fleet_dir, corrupt, tmp_path):
     (["--scheduler", "tcp://127.0.0.1:8786", "--workers", "2"], 2,
      "Error: --workers starts local workers; an existing cluster (--scheduler) has its own"),
     (["-o", "r.csv"], 2, "Error: -o r.csv: results are written as Parquet (name it *.parquet)"),
-    (["-o", "nowhere/r.parquet"], 2, "Error: -o nowhere/r.parquet: no such folder 'nowhere'"),
+    (["-o", "nowhere/r.parquet"], 3,
+     "Error: nowhere/r.parquet: cannot write (No such file or directory)"),  # as every output
     (["--policy", "eager"], 2, "Error: policy 'eager' given twice: result rows are keyed by "
                                "policy name (copy the TOML file under another name to vary "
                                "its knobs)"),

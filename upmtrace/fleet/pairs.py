@@ -284,9 +284,7 @@ def write_results(table: pa.Table, path: str) -> None:
 
 
 def check_output(path: str) -> None:
-    """Fail before replaying anything when the results file cannot be what we write."""
+    """The results file's name: Parquet (whether it can be written is checked with every other
+    output, by upmtrace.atomic.check_outputs)."""
     if not path.lower().endswith(".parquet"):
         raise UsageError(f"-o {path}: results are written as Parquet (name it *.parquet)")
-    folder = os.path.dirname(path) or "."
-    if not os.path.isdir(folder):
-        raise UsageError(f"-o {path}: no such folder {folder!r}")

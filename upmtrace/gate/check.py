@@ -26,17 +26,23 @@ Status = Literal["ok", "improved", "within", "regressed"]
 
 
 @dataclass(frozen=True)
-class Request:
-    """The `check` options, resolved once."""
+class GateOptions:
+    """The options `check` and `fleet check` share, resolved once."""
 
     baseline: str
-    policy_spec: str | None = None
     overrides: tuple[str, ...] = ()  # --set KEY=VALUE items
     costs: dict[str, int] | None = None
     platform: str | None = None
     tolerance: Fraction | None = None  # None: the baseline's
     metrics: tuple[str, ...] = ()  # empty: the baseline's
     allow_trace_change: bool = False
+
+
+@dataclass(frozen=True)
+class Request(GateOptions):
+    """The `check` options."""
+
+    policy_spec: str | None = None
 
 
 @dataclass(frozen=True)
