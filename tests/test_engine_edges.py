@@ -9,7 +9,7 @@ from scenario import K, M, attrs, engine, expect, host, memory, memslot, npf, ps
 
 from upmtrace.errors import InputError
 from upmtrace.model.attributes import AttributeMap
-from upmtrace.model.bits import FULL
+from upmtrace.model.bits import FULL, block_spans, blocks_in
 from upmtrace.model.directmap import DirectMap, Region
 from upmtrace.model.mappings import Mappings
 from upmtrace.model.memslots import Memslots, Slot
@@ -381,3 +381,25 @@ def test_attribute_block_bitmap_of_a_block_inside_one_private_run_is_the_full_bl
     attrs_.set_range(0, 1024, True)
     assert attrs_.block_bitmap(512, 512) == FULL
     assert attrs_.block_bitmap(1024, 512) == 0
+
+
+def test_memslots_refuse_a_slot_over_a_live_one_even_when_neither_end_falls_inside_it():
+    slots = Memslots()
+    slots.add(Slot(1, 100, 200, True))
+    with pytest.raises(ValueError, match="^memslot 2 overlaps a live memslot$"):
+        slots.add(Slot(2, 0, 512, True))
+    slots.add(Slot(3, 200, 512, True))  # adjacent: accepted
+    assert [s.id for s in slots.overlapping(0, 1 << 20)] == [1, 3]
+
+
+@pytest.mark.parametrize("present", [{0: 1, 5: 1}, dict.fromkeys(range(700), 1)],
+                         ids=["sparse", "dense"])
+def test_blocks_in_gives_the_present_blocks_of_a_range_with_their_masks(present):
+    """Either walk (the range's blocks, or the present ones) gives block_spans' answer."""
+    ranges = [(0, 0), (3, 3), (1, 600 * 512), (0, 1024), (0, 1025), (513, 1024), (512, 2048),
+              (700, 5 * 512 + 1), (5 * 512, 5 * 512 + 511), (10, 6 * 512 - 1)]
+    for g0, g1 in ranges:
+        want = [(b, m) for b, m in block_spans(g0, g1) if b in present] if g1 > g0 else []
+        assert list(blocks_in(g0, g1, present)) == want, (g0, g1)
+    assert list(blocks_in(1, 600 * 512, {0: 1, 5: 1})) == [(0, FULL - 1), (5, FULL)]
+    assert list(blocks_in(700, 5 * 512 + 1, {0: 1, 5: 1})) == [(5, 1)]

@@ -475,3 +475,14 @@ def test_the_blocks_of_a_memslot_above_gpa_0_map_at_2m():
     expect(r, exits__vm__npf=2, exits__vm_total=2, npf__recorded=2,
            conversions__set_attributes_calls=1, conversions__to_private_pages=1024,
            rmp__updates_2m=2, mappings__2m=2)
+
+
+@pytest.mark.parametrize("slots", [[], [memslot(0, 0, 2 * M), memslot(0, 0, 0)]],
+                         ids=["no-memslot-ever", "memslot-deleted"])
+def test_the_batch_path_with_no_live_memslot(slots):
+    rows = [*slots, *(npf(i * 4 * K, i % 2 == 0) for i in range(70))]
+    for reference in (True, False):
+        r = replay_rows(rows, reference)
+        expect(r, exits__userspace__KVM_EXIT_MEMORY_FAULT=35, exits__userspace_total=35,
+               exits__vm__npf=70, exits__vm_total=70, npf__recorded=70, npf__unresolvable=35,
+               npf__mmio=35)
