@@ -397,7 +397,7 @@ def test_memslots_refuse_a_slot_over_a_live_one_even_when_neither_end_falls_insi
 def test_blocks_in_gives_the_present_blocks_of_a_range_with_their_masks(present):
     """Either walk (the range's blocks, or the present ones) gives block_spans' answer."""
     ranges = [(0, 0), (3, 3), (1, 600 * 512), (0, 1024), (0, 1025), (513, 1024), (512, 2048),
-              (700, 5 * 512 + 1), (5 * 512, 5 * 512 + 511), (10, 6 * 512 - 1)]
+              (700, 5 * 512 + 1), (5 * 512, 5 * 512 + 511), (10, 6 * 512 - 1), (0, 5 * 512)]
     for g0, g1 in ranges:
         want = [(b, m) for b, m in block_spans(g0, g1) if b in present] if g1 > g0 else []
         assert list(blocks_in(g0, g1, present)) == want, (g0, g1)
