@@ -4,7 +4,7 @@
 # the repository:
 #
 #   scripts/mutation.sh                       # upmtrace/model/
-#   scripts/mutation.sh 'upmtrace/replay/engine.py' 'upmtrace/trace/importers/*'
+#   scripts/mutation.sh 'upmtrace/engine/reference.py' 'upmtrace/trace/importers/*'
 #
 # It works in a temporary copy of the work tree (uncommitted edits included) with its own venv
 # (mutmut needs the package importable from its mutants/ folder, not from an editable install),

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from upmtrace.cli import cli
+from upmtrace.engine import replay_many
 from upmtrace.policy import PRESETS
-from upmtrace.replay import replay_many
 from upmtrace.trace.io import read_trace
 
 ROOT = Path(__file__).resolve().parent.parent

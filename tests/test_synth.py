@@ -144,8 +144,8 @@ def test_any_parameters_give_ordered_requests_of_at_most_64_entries(name, vcpus,
 def test_every_fault_happens_under_upstream_behaviour(name):
     """Replayed under the eager preset (upstream KVM + QEMU), no recorded fault is avoided,
     unresolvable or MMIO, and no PSC request is invalid: the trace is what such a guest does."""
+    from upmtrace.engine import replay
     from upmtrace.policy import load_policy
-    from upmtrace.replay import replay
 
     result = synthesize(name, memory=256 * MiB, vcpus=2, seed=0)
     report = replay(result.table, load_policy("eager"), platform=result.platform).report
@@ -263,8 +263,8 @@ def test_dma_churn_shares_each_buffer_then_takes_it_back(synths):
 
 
 def test_dma_churn_doubles_memory_only_when_freeing_lazily():
+    from upmtrace.engine import replay
     from upmtrace.policy import load_policy
-    from upmtrace.replay import replay
 
     table = synthesize("dma-churn", memory=256 * MiB, vcpus=2, seed=0).table
     duplicate = {name: replay(table, load_policy(name)).report["memory"]["peak_duplicate_bytes"]

@@ -345,9 +345,9 @@ def replay(trace: str, policy_spec: str, overrides: tuple[str, ...], costs_file:
            timeline_rows: int, paranoid: bool, by_vcpu: bool) -> None:
     """Replay TRACE under a policy and report exits, memory and direct-map cost."""
     from upmtrace.costs import load_costs
+    from upmtrace.engine import replay as run
     from upmtrace.policy import load_policy
     from upmtrace.progress import watched
-    from upmtrace.replay import replay as run
     from upmtrace.report import RENDERERS
     from upmtrace.timeline import Timeline, check_path, is_parquet
     from upmtrace.trace.io import read_trace
@@ -435,9 +435,9 @@ def plot(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...],
     """
     from upmtrace.atomic import write_atomic
     from upmtrace.costs import load_costs
+    from upmtrace.engine import replay as run
     from upmtrace.policy import check_distinct, load_policy
     from upmtrace.progress import progress, tracked
-    from upmtrace.replay import replay as run
     from upmtrace.report.plot import Series, format_of, render
     from upmtrace.timeline import Timeline
     from upmtrace.trace.io import read_trace

@@ -2,7 +2,7 @@
 
 A worker runs `replay_trace` on its own: it opens the trace file itself (a path or a URL pyarrow
 can open), so only a path and the policies travel to it, replays the trace once for all of them
-(upmtrace.replay.replay_many), and returns one flat row per policy: the report keys with dotted
+(upmtrace.replay_many), and returns one flat row per policy: the report keys with dotted
 names. Rows are gathered as they complete and written sorted by (trace path,
 policy order), so every executor (upmtrace.fleet.executors) gives the same bytes.
 """
@@ -155,7 +155,7 @@ def replay_trace(path: str, policies_json: list[dict[str, Any]], platform: str |
     A trace that fails (unreadable or invalid, or anything else) gives every policy a row whose
     `error` says why in one line, its metric columns null.
     """
-    from upmtrace.replay import replay_many
+    from upmtrace.engine import replay_many
     from upmtrace.trace.io import read_trace
 
     policies = [Policy(**policy_json) for policy_json in policies_json]

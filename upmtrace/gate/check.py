@@ -13,10 +13,10 @@ from fractions import Fraction
 from typing import Any, Literal
 
 from upmtrace.atomic import write_text
+from upmtrace.engine import Result, replay
 from upmtrace.errors import InputError, UpmtraceError, UsageError
 from upmtrace.gate.baseline import Baseline, read_baseline
 from upmtrace.policy import PRESETS, Policy, load_policy, parse_overrides
-from upmtrace.replay import Result, replay
 from upmtrace.trace.io import read_trace
 
 DEFAULT_METRICS = ("exits",)  # every key under exits: userspace and VM, totals included
