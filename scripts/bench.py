@@ -213,8 +213,8 @@ def profile(path: Path, top: int = 15) -> dict:
     import cProfile
     import pstats
 
+    from upmtrace.engine import replay
     from upmtrace.policy import PRESETS as POLICIES
-    from upmtrace.replay import replay
     from upmtrace.trace.io import read_trace
 
     start = time.process_time()

@@ -23,9 +23,9 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports(include=["upmtrace"], enable_loader_override=False):
+    from upmtrace.engine import replay
     from upmtrace.errors import UpmtraceError
     from upmtrace.policy import PRESETS
-    from upmtrace.replay import replay
     from upmtrace.trace.importers import Options, import_logs
     from upmtrace.trace.io import SCHEMA, read_trace, write_trace
     from upmtrace.trace.schema import Platform

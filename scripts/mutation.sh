@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Mutation testing with mutmut: every one-line change mutmut makes to the code under test must
-# make a focused, fast test selection fail (the oracle differential and the scenarios). Run from
-# the repository:
+# make a focused, fast test selection fail (the oracle differential and the scenario, device and
+# edge tests, 100 derandomized examples per property, no shrinking). Run from the repository:
 #
 #   scripts/mutation.sh                       # upmtrace/model/
-#   scripts/mutation.sh 'upmtrace/replay/engine.py' 'upmtrace/trace/importers/*'
+#   scripts/mutation.sh 'upmtrace/engine/reference.py' 'upmtrace/trace/importers/*'
 #
 # It works in a temporary copy of the work tree (uncommitted edits included) with its own venv
 # (mutmut needs the package importable from its mutants/ folder, not from an editable install),
 # prints mutmut's results and the score, and leaves the work tree untouched. KEEP=1 keeps the
 # copy (its path is printed) to inspect survivors with `mutmut show NAME`. JOBS sets mutmut's
 # parallelism (default: the number of CPUs). VENV=DIR reuses a venv a previous run made (kept
-# with KEEP=1: its .venv) instead of installing one.
+# with KEEP=1: move its .venv out first) instead of installing one.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

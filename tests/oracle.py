@@ -1,7 +1,7 @@
 """A deliberately naive model of the replay rules, to check the engine against.
 
 Per 4 KiB guest frame it keeps plain sets and dicts (no bitmaps, no runs) and it shares no code
-with upmtrace.model or upmtrace.replay: a rule implemented wrongly there is not
+with upmtrace.model or upmtrace.engine: a rule implemented wrongly there is not
 implemented wrongly here by construction. It is slow (every range is walked page by page), so
 it is for small traces only. `replay(rows, platform, knobs)` returns the report's counters as a
 flat {dotted key: int} dict: every counter of the JSON report except cost.*, timing and recorded.

@@ -7,8 +7,8 @@ import os
 import pyarrow as pa
 from hypothesis import settings
 
+from upmtrace.engine.reference import Engine, Result, iter_rows
 from upmtrace.policy import PRESETS
-from upmtrace.replay.engine import Engine, Result, iter_rows
 from upmtrace.trace.schema import SCHEMA, Platform
 
 K, M = 1 << 10, 1 << 20
@@ -74,7 +74,7 @@ def replay(*rows: dict, policy: str = "eager", platform: str = "snp", **knobs) -
 def replay_rows(rows: list[dict], reference: bool, policy: str = "eager",
                 platform: str = "snp", **knobs) -> Result:
     """Through upmtrace.replay: the row-by-row reference loop or the batch path."""
-    from upmtrace.replay import replay as run
+    from upmtrace.engine import replay as run
 
     return run(table(*rows), PRESETS[policy].with_overrides(knobs), platform=platform,
                reference=reference)

@@ -86,8 +86,7 @@ def test_ctrl_c_is_130_on_every_command(work, monkeypatch, name):
 
 SIGNALLED = """
 import os, signal, sys, time
-import upmtrace.replay
-engine = sys.modules["upmtrace.replay"]  # the package (upmtrace.replay is its function)
+import upmtrace.engine as engine
 
 def hit(*args, **kwargs):
     os.kill(os.getpid(), signal.{name})

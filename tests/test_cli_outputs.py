@@ -157,7 +157,7 @@ def no_replay(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("replayed before checking the output")
 
-    monkeypatch.setattr(sys.modules["upmtrace.replay"], "replay", refuse)  # the package
+    monkeypatch.setattr(sys.modules["upmtrace.engine"], "replay", refuse)  # the package
     monkeypatch.setattr(upmtrace.gate.check, "replay", refuse)
 
 

@@ -8,8 +8,8 @@ import pytest
 from scenario import attrs, map_gpa, memslot, npf, psc, table
 
 from upmtrace.costs import DEFAULTS, default_costs
+from upmtrace.engine import replay
 from upmtrace.policy import PRESETS
-from upmtrace.replay import replay
 from upmtrace.trace.io import read_trace
 
 TRACES = sorted((Path(__file__).parent.parent / "traces").glob("*.parquet"))

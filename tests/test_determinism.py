@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from scenario import table
 from test_engine_properties import event, flatten, policies, slot_row, valid_slots
 
+from upmtrace.engine import replay
 from upmtrace.policy import PRESETS
-from upmtrace.replay import replay
 from upmtrace.trace.io import write_trace
 from upmtrace.trace.schema import Platform
 from upmtrace.trace.synth import synthesize

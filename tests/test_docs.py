@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from upmtrace.cli import cli
+from upmtrace.engine import replay_many
 from upmtrace.policy import PRESETS
-from upmtrace.replay import replay
 from upmtrace.trace.io import read_trace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,11 +76,10 @@ def undocumented(report: dict) -> list[str]:
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.stem)
 def test_every_report_key_of_every_sample_under_every_preset_is_documented(sample):
-    trace = read_trace(sample)
+    results = replay_many(read_trace(sample), list(PRESETS.values()))  # one pass for all
     missing = {}
-    for name, policy in PRESETS.items():
-        report = replay(trace, policy).report
-        if gaps := undocumented(report):
+    for name, result in zip(PRESETS, results, strict=True):
+        if gaps := undocumented(result.report):
             missing[name] = gaps
     assert not missing, f"keys without an entry in docs/report.md: {missing}"
 
@@ -129,19 +128,16 @@ def test_only_the_knobs_report_md_names_move_a_key(workload):
     made = synthesize(workload, memory=256 << 20, vcpus=2, seed=1)
     listed = moved_by()
     assert len(listed) > 40
-    reports: dict = {}
-
-    def flat(policy):
-        if policy not in reports:
-            report = replay(made.table, policy, platform=made.platform).report
-            reports[policy] = {".".join(p): v for p in flatten(report)
-                               for v in [_get(report, p)]}
-        return reports[policy]
+    pairs = one_knob_variants()
+    policies = list(dict.fromkeys(p for pair in pairs for p in pair))
+    results = replay_many(made.table, policies, platform=made.platform)  # one pass for all
+    reports = {policy: {".".join(p): v for p in flatten(r.report) for v in [_get(r.report, p)]}
+               for policy, r in zip(policies, results, strict=True)}
 
     wrong = set()
-    for base, variant in one_knob_variants():
+    for base, variant in pairs:
         knob = next(k for k in KNOBS if getattr(base, k) != getattr(variant, k))
-        before, after = flat(base), flat(variant)
+        before, after = reports[base], reports[variant]
         for key, knobs in listed.items():
             if key in before and before[key] != after.get(key) and knob not in knobs:
                 wrong.add(f"{key} moved by {knob} ({base.name} -> {variant.to_json()})")

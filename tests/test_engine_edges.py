@@ -23,6 +23,14 @@ from scenario import (
 
 from upmtrace.errors import InputError
 from upmtrace.model import machine
+from upmtrace.model.attributes import AttributeMap
+from upmtrace.model.bits import FULL, block_spans, blocks_in
+from upmtrace.model.directmap import DirectMap, Region
+from upmtrace.model.mappings import Mappings
+from upmtrace.model.memslots import Memslots, Slot
+from upmtrace.model.pool import Folio, Pool
+from upmtrace.model.rmp import Rmp
+from upmtrace.model.vfio import Vfio
 
 SLOT = memslot(0, 0, 4 * M)  # two 2 MiB blocks, guest_memfd
 PRIVATE_SLOT = (SLOT, attrs(0, 4 * M))  # as QEMU creates it: all private
@@ -216,3 +224,259 @@ def test_the_invariant_checker_catches_a_broken_state(rows, knobs, corrupt, mess
     with pytest.raises(AssertionError) as caught:
         m.check_invariants()
     assert str(caught.value) == message
+
+# --- mutants of pool/mappings/attributes/memslots/vfio/rmp/directmap/bits (mutation testing) --
+# The parts' self-checks (run after every event in paranoid mode): each test builds a part in a
+# valid state, checks it passes, then corrupts one field at a time and expects the check to fail
+# with its message.
+
+def _fails(check, match: str | None = None, error: type[Exception] = AssertionError) -> None:
+    with pytest.raises(error, match=match):
+        check()
+
+
+def test_pool_self_check_catches_a_wrong_count_an_empty_bitmap_and_a_bad_folio():
+    pool = Pool("private")
+    pool.add_folio(0)
+    pool.add_folio(1)
+    assert pool.remove(1, 1) == (1, True)  # block 1: a split folio, 511 pages
+    pool.add(2, 0b11)  # block 2: single pages, no folio
+    pool.check_invariants()
+    pool.count += 1
+    _fails(pool.check_invariants, "private")
+    pool.count -= 1
+    pool.pages[3] = 0
+    _fails(pool.check_invariants, "private: empty bitmap kept")
+    del pool.pages[3]
+    pool.folios[5] = Folio.SPLIT
+    _fails(pool.check_invariants, "private: folio of block 5 without pages")
+    del pool.folios[5]
+    pool.pages[0] &= ~1
+    pool.count -= 1
+    _fails(pool.check_invariants, "private: intact folio 0 not full")
+
+
+def test_pool_remove_returns_what_it_freed_and_whether_an_intact_folio_split():
+    pool = Pool("shared")
+    assert pool.remove(7, FULL) == (0, False)  # nothing resident there
+    assert pool.count == 0 and not pool.pages
+    pool.add_folio(0)
+    gone, split = pool.remove(0, 0b110)
+    assert (gone, split) == (0b110, True) and split is True
+    assert pool.folio(0) is Folio.SPLIT and pool.count == 510
+    gone, split = pool.remove(0, 0b111)  # only page 0 of those is still resident
+    assert gone == 1 and split is False
+    assert pool.folio(0) is Folio.SPLIT
+    pool.add(1, 0b1)
+    assert pool.remove(1, 0b10) == (0, False)  # no resident page of the mask
+    assert pool.resident(1, 1) and not pool.resident(1, 2) and not pool.resident(9, 1)
+
+
+def test_mappings_self_check_catches_double_maps_and_stale_4k_entries():
+    maps = Mappings()
+    maps.map_small(0, 0b01, False)
+    maps.map_small(0, 0b10, True)  # block 0: both sides, disjoint
+    maps.map_small(1, 1, False)
+    maps.map_small(2, 4, True)
+    maps.map_huge(3, True)
+    maps.check_invariants()
+    for corrupt, match in ((lambda: maps.small[1].__setitem__(0, 0b11), "block 0 mapped twice"),
+                           (lambda: maps.small[0].__setitem__(3, 1), "^3$"),
+                           (lambda: maps.small[1].__setitem__(3, 1), "^3$"),
+                           (lambda: maps.small[0].__setitem__(7, 0), None),
+                           (lambda: maps.small[1].__setitem__(7, 0), None)):
+        saved = (dict(maps.small[0]), dict(maps.small[1]))
+        corrupt()
+        _fails(maps.check_invariants, match)
+        for side, table in zip(maps.small, saved, strict=True):
+            side.clear()
+            side.update(table)
+        maps.check_invariants()
+
+
+def test_attribute_map_self_check_catches_empty_touching_and_unpaired_runs():
+    attrs = AttributeMap()
+    attrs.set_range(0, 5, True)
+    attrs.set_range(10, 20, True)
+    attrs.check_invariants()
+    attrs._ends[0] = 0
+    _fails(attrs.check_invariants, "empty private run 0..0")
+    attrs._ends[0] = 10
+    _fails(attrs.check_invariants, "^private runs overlap or touch unmerged$")
+    attrs._ends[0] = 5
+    attrs._starts.append(30)
+    _fails(attrs.check_invariants, "zip", ValueError)
+
+
+def test_memslots_self_check_catches_overlaps_empty_slots_and_a_tree_out_of_step():
+    slots = Memslots()
+    slots.add(Slot(1, 512, 1024, True))  # added above the other: the check sorts by start
+    slots.add(Slot(0, 0, 512, False))  # adjacent, not overlapping
+    slots.check_invariants()
+    bad = Slot(2, 1000, 2000, True)
+    slots._by_id[2] = bad  # only in the id map
+    _fails(slots.check_invariants)
+    slots._tree.addi(bad.start, bad.end, bad)
+    _fails(slots.check_invariants, "memslots 1 and 2 overlap")
+    slots.remove(2)
+    slots.remove(1)
+    slots.check_invariants()
+    slots._by_id[3] = Slot(3, 100, 200, True)
+    slots._tree.addi(100, 200, slots._by_id[3])
+    _fails(slots.check_invariants, "memslots 0 and 3 overlap")  # one pair, adjacent in order
+    slots.remove(3)
+    empty = Slot(4, 4096, 4096, True)
+    slots._by_id[4] = empty
+    slots._tree.addi(4096, 4097, empty)
+    _fails(slots.check_invariants)
+
+
+def test_vfio_self_check_catches_pins_without_vfio_empty_bitmaps_counts_and_unbacked_pins():
+    resident = {0: FULL}
+    vfio = Vfio("pin-all")
+    vfio.pin(0, 0b101)
+    vfio.check_invariants(resident)
+    vfio.pinned[4] = 0
+    _fails(lambda: vfio.check_invariants(resident), "^vfio: empty bitmap kept$")
+    del vfio.pinned[4]
+    vfio.count += 1
+    _fails(lambda: vfio.check_invariants(resident), "^vfio count$")
+    vfio.count -= 1
+    vfio.pin(1, 1)  # block 1 holds no resident page
+    _fails(lambda: vfio.check_invariants(resident), "block 1: pinned but not resident")
+    none = Vfio("none")
+    none.check_invariants({})
+    none.pin(0, 1)
+    _fails(lambda: none.check_invariants(resident), "^pinned pages without vfio$")
+
+
+def test_vfio_pin_counts_only_the_pages_it_newly_pins():
+    vfio = Vfio("pin-all")
+    assert vfio.pin(0, 0b11) == 2
+    assert vfio.pin(0, 0b11) == 0
+    assert vfio.pin(0, 0b110) == 1
+    assert (vfio.count, vfio.pages_pinned, vfio.bitmap(0), vfio.bitmap(1)) == (3, 3, 0b111, 0)
+
+
+def test_rmp_self_check_catches_a_partial_2m_entry_a_smashed_2m_entry_and_an_empty_bitmap():
+    rmp = Rmp()
+    rmp.make_private_2m(0)
+    rmp.make_private_4k(1, 0b1)
+    rmp.check_invariants()
+    rmp.private[0] = FULL >> 1
+    _fails(rmp.check_invariants, "2 MiB RMP entry 0 not wholly private")
+    rmp.private[0] = FULL
+    rmp.smashed.add(0)
+    _fails(rmp.check_invariants)
+    rmp.smashed.discard(0)
+    rmp.private[2] = 0
+    _fails(rmp.check_invariants)
+
+
+def test_rmp_make_shared_returns_its_4k_updates_and_whether_it_freed_a_2m_entry():
+    rmp = Rmp()
+    assert rmp.private_bitmap(0) == 0 and rmp.private_bitmap(0) is not None
+    assert rmp.make_shared(0, FULL) == (0, False)  # nothing private there
+    rmp.make_private_2m(0)
+    assert rmp.make_shared(0, FULL) == (0, True)  # one 2 MiB update, no 4 KiB one
+    assert (rmp.updates_4k, rmp.updates_2m, rmp.private_bitmap(0)) == (0, 2, 0)
+
+
+def test_directmap_self_check_catches_regions_without_private_pages_and_splits_under_none():
+    unmap = DirectMap("unmap")
+    unmap.on_rmp_update(0, True, False, 1)
+    unmap.check_invariants({0: 1})
+    _fails(lambda: unmap.check_invariants({}), "region 0 unmapped with no private page")
+    split = DirectMap("split")
+    split.on_rmp_update(0, True, False, 1)
+    split.on_rmp_update(0, False, False, 0)  # split never restores: a region, no private page
+    split.check_invariants({})
+    none = DirectMap("none")
+    none.on_rmp_update(0, True, False, 1)
+    none.check_invariants({})
+    none.splits = 1
+    _fails(lambda: none.check_invariants({}))
+    none.splits, none.regions[0] = 0, Region.SPLIT
+    _fails(lambda: none.check_invariants({}))
+
+
+def test_directmap_unmap_region_states_over_a_blocks_life():
+    """INTACT (absent) -> SPLIT on a 4 KiB private update; REMOVED on a 2 MiB one; a 4 KiB
+    free in a REMOVED region maps the freed pages back at 4 KiB (SPLIT); the last private page
+    gone restores the region."""
+    dm = DirectMap("unmap")
+    dm.on_rmp_update(0, True, False, 1)
+    dm.on_rmp_update(1, True, True, FULL)
+    assert dm.regions == {0: Region.SPLIT, 1: Region.REMOVED} and dm.splits == 1
+    dm.on_rmp_update(1, False, False, FULL >> 1)
+    assert dm.regions[1] is Region.SPLIT
+    dm.on_rmp_update(2, True, True, FULL)
+    dm.on_rmp_update(2, False, True, 0)  # the 2 MiB entry freed whole
+    dm.on_rmp_update(0, False, False, 0)
+    assert dm.regions == {1: Region.SPLIT} and (dm.splits, dm.restores) == (1, 2)
+    dm.on_rmp_update(3, True, True, FULL)
+    dm.on_rmp_update(3, False, True, 1)  # a 2 MiB update that leaves a page (not a real one)
+    assert dm.regions[3] is Region.REMOVED
+    split = DirectMap("split")
+    split.on_rmp_update(0, True, False, 1)
+    assert split.regions == {0: Region.SPLIT}
+
+
+def test_machine_self_check_catches_a_stale_copy_that_is_gone_or_pinned():
+    """A stale copy lies on the side opposite the attribute, resident, and never pinned when
+    it is shared (a pinned page cannot be discarded, so it is not counted as stale)."""
+    m = engine(SLOT, vfio="pin-all").m  # the slot's shared side allocated and pinned
+    m.check_invariants()
+    m.stale[0] = 0  # gfn 0, shared: its stale copy would be private, and there is none
+    _fails(m.check_invariants, "stale 0 gone")
+    m.attrs.set_range(0, 1, True)  # now its stale copy is the shared page, pinned
+    _fails(m.check_invariants, "stale shared copy 0 is pinned")
+
+
+def test_a_dma_map_over_two_slots_past_the_limit_names_the_lower_one():
+    """vfio=on-convert: a shared marking over two guest_memfd slots of just over 1 TiB each maps
+    them slot by slot in address order; the first (at gpa 0) is refused."""
+    tib = 1 << 40
+    rows = (memslot(0, 0, tib + 4 * K), memslot(1, 2 * tib, tib + 20 * K),
+            attrs(0, 4 * tib, private=False))
+    with pytest.raises(InputError, match=r"vfio DMA map of 0x10000001000 bytes at gpa 0x0 "):
+        replay(*rows, vfio="on-convert")
+
+
+def test_machine_self_check_catches_an_unbacked_mapping_in_each_table():
+    m = engine(SLOT).m
+    m.check_invariants()
+    for table in (m.maps.huge, *m.maps.small):
+        table[1] = True if table is m.maps.huge else 1
+        _fails(m.check_invariants, "block 1: mapped but unbacked")
+        del table[1]
+    m.check_invariants()
+
+
+def test_attribute_block_bitmap_of_a_block_inside_one_private_run_is_the_full_block():
+    attrs_ = AttributeMap()
+    attrs_.set_range(0, 1024, True)
+    assert attrs_.block_bitmap(512, 512) == FULL
+    assert attrs_.block_bitmap(1024, 512) == 0
+
+
+def test_memslots_refuse_a_slot_over_a_live_one_even_when_neither_end_falls_inside_it():
+    slots = Memslots()
+    slots.add(Slot(1, 100, 200, True))
+    with pytest.raises(ValueError, match="^memslot 2 overlaps a live memslot$"):
+        slots.add(Slot(2, 0, 512, True))
+    slots.add(Slot(3, 200, 512, True))  # adjacent: accepted
+    assert [s.id for s in slots.overlapping(0, 1 << 20)] == [1, 3]
+
+
+@pytest.mark.parametrize("present", [{0: 1, 5: 1}, dict.fromkeys(range(700), 1)],
+                         ids=["sparse", "dense"])
+def test_blocks_in_gives_the_present_blocks_of_a_range_with_their_masks(present):
+    """Either walk (the range's blocks, or the present ones) gives block_spans' answer."""
+    ranges = [(0, 0), (3, 3), (1, 600 * 512), (0, 1024), (0, 1025), (513, 1024), (512, 2048),
+              (700, 5 * 512 + 1), (5 * 512, 5 * 512 + 511), (10, 6 * 512 - 1), (0, 5 * 512)]
+    for g0, g1 in ranges:
+        want = [(b, m) for b, m in block_spans(g0, g1) if b in present] if g1 > g0 else []
+        assert list(blocks_in(g0, g1, present)) == want, (g0, g1)
+    assert list(blocks_in(1, 600 * 512, {0: 1, 5: 1})) == [(0, FULL - 1), (5, FULL)]
+    assert list(blocks_in(700, 5 * 512 + 1, {0: 1, 5: 1})) == [(5, 1)]

@@ -8,9 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scenario import K, M, attrs, host, map_gpa, memslot, npf, populate, psc, table
 
+from upmtrace.engine import replay
+from upmtrace.engine.reference import Engine, iter_rows
 from upmtrace.policy import KNOBS, PRESETS, Policy
-from upmtrace.replay import replay
-from upmtrace.replay.engine import Engine, iter_rows
 from upmtrace.trace.schema import Platform
 
 SPAN = 8 * M  # guest-physical space the random events live in

@@ -505,3 +505,83 @@ def test_prefault_into_a_split_folio_allocates_only_the_pages_it_maps():
            directmap__splits=1, mappings__4k=7, mappings__2m=1)
     mem = memory(r)  # the folio, S2, S10, P2, S2 again; P2, P10, S2, P2 freed
     assert (mem["pages_allocated"], mem["pages_freed"], mem["final_resident"]) == (516, 4, 512)
+
+# --- mutants of pool/mappings/attributes/memslots/vfio/rmp/directmap/bits (mutation testing) --
+
+def test_a_2m_shared_mapping_replaces_the_blocks_4k_shared_mappings():
+    """Shared pages 2m: page 0 maps at 4 KiB while page 1 is private; once page 1 is shared
+    again (a zap of page 1 only), page 2 maps the block at 2 MiB, which takes page 0's 4 KiB
+    mapping with it. Page 2 made private zaps the 2 MiB mapping whole: page 0 faults again."""
+    r = replay(SLOT, attrs(4 * K, 4 * K), npf(0, False), attrs(4 * K, 4 * K, False),
+               npf(8 * K, False), attrs(8 * K, 4 * K), npf(0, False), shared_page="2m")
+    expect(r, exits__vm__npf=3, exits__vm_total=3, npf__recorded=3,
+           conversions__set_attributes_calls=3, conversions__to_private_pages=2,
+           conversions__to_shared_pages=1, mappings__4k=2, mappings__2m=1)
+
+
+def test_a_2m_private_mapping_replaces_the_blocks_4k_private_mappings_inplace():
+    """Inplace, guest_memfd pages 2m: page 0 maps private at 4 KiB while the rest of the block
+    is shared; once the rest is private too (zapping pages 1..511 only), page 1 maps the block
+    at 2 MiB, taking page 0's 4 KiB mapping with it. Page 2 made shared zaps it whole: page 0
+    faults again."""
+    r = replay(SLOT, attrs(0, 4 * K), npf(0, True), attrs(4 * K, 2 * M - 4 * K),
+               npf(4 * K, True), attrs(8 * K, 4 * K, False), npf(0, True),
+               policy="inplace", gmem_page="2m")
+    expect(r, exits__vm__npf=3, exits__vm_total=3, npf__recorded=3,
+           conversions__set_attributes_calls=3, conversions__to_private_pages=512,
+           conversions__to_shared_pages=1, rmp__updates_4k=512, directmap__splits=1,
+           mappings__4k=2, mappings__2m=1)
+
+
+def test_a_shared_block_just_above_a_private_run_maps_at_2m():
+    """A private run ending exactly at this block's first page leaves it uniformly shared."""
+    r = replay(SLOT, attrs(0, 2 * M), npf(2 * M, False), npf(4 * M - 4 * K, False),
+               shared_page="2m")
+    expect(r, exits__vm__npf=1, exits__vm_total=1, npf__recorded=2, npf__avoided=1,
+           conversions__set_attributes_calls=1, conversions__to_private_pages=512,
+           mappings__2m=1)
+
+
+def test_a_host_access_across_two_memslots_populates_both():
+    r = replay(memslot(0, 0, 2 * M, gmem=False), memslot(1, 2 * M, 2 * M),
+               host(2 * M - 8 * K, 16 * K))
+    expect(r, host_access__pages=4)
+    assert memory(r)["peak_shared"] == 4
+
+
+def test_the_batch_path_finds_no_private_gfn_when_no_attribute_is_private():
+    """A run of npf rows long enough for the batch path, no private attribute anywhere, one
+    fault outside every slot (so the fast sweep gives up and looks attributes up per row)."""
+    rows = [SLOT, *(npf(i * 4 * K, False) for i in range(70)), npf(64 * M, False)]
+    for reference in (True, False):
+        r = replay_rows(rows, reference)
+        expect(r, exits__vm__npf=71, exits__vm_total=71, npf__recorded=71, npf__mmio=1,
+               mappings__4k=70)
+
+
+def test_marking_shared_the_pages_just_after_a_private_run_changes_and_zaps_nothing():
+    """Page 0 private, page 1 shared and mapped: marking page 1 shared again is no change, so
+    its mapping stays and the second access is avoided."""
+    r = replay(SLOT, attrs(0, 4 * K), npf(4 * K, False), attrs(4 * K, 4 * K, False),
+               npf(4 * K, False))
+    expect(r, exits__vm__npf=1, exits__vm_total=1, npf__recorded=2, npf__avoided=1,
+           conversions__set_attributes_calls=2, conversions__to_private_pages=1, mappings__4k=1)
+
+
+def test_the_blocks_of_a_memslot_above_gpa_0_map_at_2m():
+    r = replay(memslot(0, 2 * M, 4 * M), attrs(2 * M, 4 * M), npf(2 * M, True),
+               npf(4 * M + 4 * K, True), gmem_page="2m")
+    expect(r, exits__vm__npf=2, exits__vm_total=2, npf__recorded=2,
+           conversions__set_attributes_calls=1, conversions__to_private_pages=1024,
+           rmp__updates_2m=2, mappings__2m=2)
+
+
+@pytest.mark.parametrize("slots", [[], [memslot(0, 0, 2 * M), memslot(0, 0, 0)]],
+                         ids=["no-memslot-ever", "memslot-deleted"])
+def test_the_batch_path_with_no_live_memslot(slots):
+    rows = [*slots, *(npf(i * 4 * K, i % 2 == 0) for i in range(70))]
+    for reference in (True, False):
+        r = replay_rows(rows, reference)
+        expect(r, exits__userspace__KVM_EXIT_MEMORY_FAULT=35, exits__userspace_total=35,
+               exits__vm__npf=70, exits__vm_total=70, npf__recorded=70, npf__unresolvable=35,
+               npf__mmio=35)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import pytest
 
+from upmtrace.engine import replay
 from upmtrace.policy import PRESETS
-from upmtrace.replay import replay
 from upmtrace.trace.synth import synthesize
 
 GIB = 1 << 30

@@ -1,4 +1,4 @@
-"""The batch path (upmtrace.replay.fast) and the row-by-row reference give identical reports."""
+"""The batch path (upmtrace.engine.fast) and the row-by-row reference give identical reports."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from scenario import K, M, attrs, host, memslot, npf, populate, psc, table
 from test_engine_properties import policies, valid_slots
 from test_latency import imported
 
+from upmtrace.engine import fast, replay, replay_many
 from upmtrace.model.attributes import AttributeMap
 from upmtrace.policy import KNOBS, PRESETS
-from upmtrace.replay import fast, replay, replay_many
 from upmtrace.timeline import Timeline
 from upmtrace.trace.io import read_trace
 from upmtrace.trace.synth import WORKLOADS, synthesize
@@ -135,10 +135,25 @@ def test_replay_many_carries_the_recorded_timing_to_every_policy(tmp_path):
 
 
 def test_the_package_keeps_replay_and_result_at_its_top_level():
-    """upmtrace.replay is the function (it shadows the package of the same name, whose modules
-    are imported as `from upmtrace.replay import engine, fast`)."""
+    """upmtrace.replay is the function, whatever was imported before (no subpackage of that
+    name shadows it); the engine's modules are upmtrace.engine.reference and .fast."""
     import upmtrace
-    from upmtrace.replay import engine
+    import upmtrace.engine.fast  # noqa: F401  (importing submodules changes nothing)
+    from upmtrace.engine import reference
 
-    assert upmtrace.replay is replay and upmtrace.Result is engine.Result
-    assert callable(upmtrace.replay) and fast.run_batches
+    assert upmtrace.replay is replay and upmtrace.Result is reference.Result
+    assert upmtrace.replay_many is replay_many and fast.run_batches
+    assert upmtrace.PRESETS is PRESETS
+
+
+def test_the_cli_starts_without_pyarrow_or_numpy():
+    """`upmtrace --help` stays fast to start: the CLI imports the engine only when a command
+    needs it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, upmtrace.cli; "
+            "print(sorted(m for m in ('pyarrow', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out == "[]\n"

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from scenario import K, M, attrs, memslot, npf, table
 
 from upmtrace.cli import cli
+from upmtrace.engine import replay
 from upmtrace.errors import InputError
 from upmtrace.fleet.executors import LocalExecutor
 from upmtrace.fleet.pairs import (
@@ -27,7 +28,6 @@ from upmtrace.fleet.pairs import (
 )
 from upmtrace.fleet.summary import summarize
 from upmtrace.policy import PRESETS
-from upmtrace.replay import replay
 from upmtrace.trace.io import IMPORT_HINT, read_trace, write_trace
 
 SIZES = (1, 2, 4, 10)  # pages each trace first touches private, then shared
@@ -165,7 +165,7 @@ def test_column_types_do_not_depend_on_failures(tmp_path, corrupt):
 def test_one_pass_per_trace_gives_each_policy_its_own_replays_row(fleet_dir, monkeypatch):
     """With one worker, each trace is read and decoded once for all its policies
     (replay_many), and every row is the row of that policy's own replay."""
-    package = sys.modules["upmtrace.replay"]  # the package (upmtrace.replay is its function)
+    package = sys.modules["upmtrace.engine"]
     many, passes = package.replay_many, []
 
     def counting(trace, policies, **kwargs):
@@ -293,7 +293,8 @@ def test_a_failed_pair_is_a_row_and_exit_3(fleet_dir, corrupt, tmp_path):
     (["--scheduler", "tcp://127.0.0.1:8786", "--workers", "2"], 2,
      "Error: --workers starts local workers; an existing cluster (--scheduler) has its own"),
     (["-o", "r.csv"], 2, "Error: -o r.csv: results are written as Parquet (name it *.parquet)"),
-    (["-o", "nowhere/r.parquet"], 2, "Error: -o nowhere/r.parquet: no such folder 'nowhere'"),
+    (["-o", "nowhere/r.parquet"], 3,
+     "Error: nowhere/r.parquet: cannot write (No such file or directory)"),  # as every output
     (["--policy", "eager"], 2, "Error: policy 'eager' given twice: result rows are keyed by "
                                "policy name (copy the TOML file under another name to vary "
                                "its knobs)"),

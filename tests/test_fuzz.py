@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from scenario import K, M, attrs, host, map_gpa, memslot, npf, psc, table
 from tracegen import trace_rows
 
+from upmtrace.engine import replay
 from upmtrace.errors import TraceError, UpmtraceError
 from upmtrace.policy import KNOBS, PRESETS
-from upmtrace.replay import replay
 from upmtrace.trace.cast import conform
 from upmtrace.trace.importers import Options, import_logs
 from upmtrace.trace.io import SCHEMA, read_trace, write_trace

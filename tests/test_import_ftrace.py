@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from upmtrace.engine import replay
 from upmtrace.policy import PRESETS
-from upmtrace.replay import replay
 from upmtrace.trace.importers import Options, import_logs
 from upmtrace.trace.io import from_rows, read_trace
 from upmtrace.trace.schema import Platform

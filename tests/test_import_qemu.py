@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from test_import_ftrace import FIXTURES, G, M, attrs, rows, run, slot
 
 from upmtrace.cli import cli
+from upmtrace.engine import replay
 from upmtrace.policy import PRESETS
-from upmtrace.replay import replay
 from upmtrace.trace.importers.qemu import psc_entries
 from upmtrace.trace.schema import Platform
 

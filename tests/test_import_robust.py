@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from test_import_ftrace import US, attrs, npf, rows, run, slot
 
-from upmtrace.replay import replay
+from upmtrace.engine import replay
 from upmtrace.trace.schema import Platform
 
 M = 1 << 20

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from gen_ftrace_log import T0, Costs, generate
 
 from upmtrace.cli import cli
-from upmtrace.replay import replay
+from upmtrace.engine import replay
 from upmtrace.trace.importers import Options, common, import_logs
 from upmtrace.trace.io import read_trace
 from upmtrace.trace.latency import EXACT_LIMIT, Distribution

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from scenario import K, M, attrs, host, map_gpa, memslot, npf, psc, table
 
+from upmtrace.engine import replay
+from upmtrace.engine.reference import Engine, iter_rows
 from upmtrace.errors import UpmtraceError
 from upmtrace.model import machine
 from upmtrace.policy import PRESETS
-from upmtrace.replay import replay
-from upmtrace.replay.engine import Engine, iter_rows
 from upmtrace.trace.io import read_trace, write_trace
 from upmtrace.trace.schema import GPA_LIMIT, Platform
 
@@ -56,7 +56,7 @@ def huge_trace_rows(seed: int = 0) -> list[dict]:
 
 RSS_SCRIPT = """
 import json, resource, sys
-from upmtrace.replay import replay
+from upmtrace.engine import replay
 from upmtrace.policy import PRESETS
 from upmtrace.trace.io import read_trace
 

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from scenario import K, M, counters, examples, replay, table
 from tracegen import PLATFORMS, knobs_strategy, trace_rows
 
+from upmtrace.engine import replay as engine_replay
 from upmtrace.policy import PRESETS
-from upmtrace.replay import replay as engine_replay
 
 # The engine models `vfio` and `populate` (docs/model.md): flip when it does, and the
 # differential draws them too. Until then the oracle's rules for them are pinned by the
@@ -41,7 +41,7 @@ def engine_counters(rows: list[dict], platform: str, knobs: dict) -> dict[str, i
 
 
 def batch_counters(rows: list[dict], platform: str, knobs: dict) -> dict[str, int]:
-    """The same counters from the batch path (upmtrace.replay.fast), replay()'s default."""
+    """The same counters from the batch path (upmtrace.engine.fast), replay()'s default."""
     report = engine_replay(table(*rows), PRESETS["eager"].with_overrides(knobs),
                            platform=platform).report
     flat: dict[str, int] = {}

@@ -16,9 +16,9 @@ from scenario import K, M, attrs, memslot, npf, psc, table
 
 from upmtrace.cli import cli
 from upmtrace.costs import DEFAULTS, default_costs
+from upmtrace.engine import replay
 from upmtrace.policy import PRESETS
 from upmtrace.progress import Tracked, progress, tracked
-from upmtrace.replay import replay
 from upmtrace.report.plot import Curves, Series, render
 from upmtrace.timeline import COLUMNS, MACHINE_KEYS, Timeline, counters
 from upmtrace.trace.io import read_trace, write_trace

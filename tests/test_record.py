@@ -286,3 +286,12 @@ def test_ctrl_c_while_converting_aborts_with_130_and_writes_nothing(tmp_path, fa
     assert "Traceback" not in done.stderr
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_unwritable_log_is_refused_before_recording(tmp_path, fake):
+    """The output is checked as every command's is, before the recording, not after it."""
+    out = tmp_path / "nowhere" / "kvm.log"
+    result = invoke("record", "-o", out, "--duration", "1")
+    assert result.exit_code == 3
+    assert error(result) == f"Error: {out}: cannot write (No such file or directory)\n"
+    assert calls(fake) == []  # the recorder never ran

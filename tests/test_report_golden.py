@@ -15,10 +15,10 @@ import pytest
 from scenario import table
 from test_cli_compare import ROWS
 
+from upmtrace.engine import Result, replay
 from upmtrace.fleet.compare import compare
 from upmtrace.gate.check import Outcome, TraceDelta, Verdict, status
 from upmtrace.policy import PRESETS
-from upmtrace.replay import Result, replay
 from upmtrace.report import check as check_report
 from upmtrace.report import compare as compare_report
 from upmtrace.report import table as replay_report

@@ -10,8 +10,8 @@ from scenario import K, M, attrs, host, memslot, npf, psc, table
 
 import upmtrace.trace.io as io
 from upmtrace.cli import cli
+from upmtrace.engine import replay
 from upmtrace.policy import PRESETS
-from upmtrace.replay import replay
 from upmtrace.timeline import Timeline
 from upmtrace.trace.io import read_trace, write_trace
 

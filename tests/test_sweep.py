@@ -16,9 +16,9 @@ from scenario import K, M, attrs, memslot, npf, psc, table
 from test_sweep_frontier import brute_dominates
 
 from upmtrace.cli import cli
+from upmtrace.engine import replay
 from upmtrace.fleet.pairs import flatten
 from upmtrace.policy import load_policy
-from upmtrace.replay import replay
 from upmtrace.trace.io import read_trace, write_trace
 
 OBJECTIVES = ("memory.peak_resident_bytes", "exits.total", "cost.total_ns")
@@ -114,7 +114,7 @@ def test_each_policy_is_its_own_replay(trace):
 def replays(monkeypatch) -> list[str]:
     """The policy of every replay the workers ran (in this process: --workers 1)."""
     names: list[str] = []
-    package = sys.modules["upmtrace.replay"]  # the package (upmtrace.replay is its function)
+    package = sys.modules["upmtrace.engine"]
     one, many = package.replay, package.replay_many
 
     def counting(trace, policy, **kwargs):

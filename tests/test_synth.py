@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
@@ -143,8 +144,8 @@ def test_any_parameters_give_ordered_requests_of_at_most_64_entries(name, vcpus,
 def test_every_fault_happens_under_upstream_behaviour(name):
     """Replayed under the eager preset (upstream KVM + QEMU), no recorded fault is avoided,
     unresolvable or MMIO, and no PSC request is invalid: the trace is what such a guest does."""
+    from upmtrace.engine import replay
     from upmtrace.policy import load_policy
-    from upmtrace.replay import replay
 
     result = synthesize(name, memory=256 * MiB, vcpus=2, seed=0)
     report = replay(result.table, load_policy("eager"), platform=result.platform).report
@@ -262,8 +263,8 @@ def test_dma_churn_shares_each_buffer_then_takes_it_back(synths):
 
 
 def test_dma_churn_doubles_memory_only_when_freeing_lazily():
+    from upmtrace.engine import replay
     from upmtrace.policy import load_policy
-    from upmtrace.replay import replay
 
     table = synthesize("dma-churn", memory=256 * MiB, vcpus=2, seed=0).table
     duplicate = {name: replay(table, load_policy(name)).report["memory"]["peak_duplicate_bytes"]
@@ -382,16 +383,19 @@ def test_boot_workloads_populate_valid_pages_before_the_first_vcpu_event(name, m
     """Every populated page lies in a guest_memfd slot registered and set private before it is
     populated, and every populate row comes before the first vCPU event; whatever the guest's
     size, the firmware region just below 4 GiB is a slot of its own, not RAM."""
-    rows = synthesize(name, memory=memory, vcpus=2, seed=3).table.to_pylist()
-    populate = [(r["gpa"], r["size"]) for r in rows if r["kind"] == "populate"]
+    table = synthesize(name, memory=memory, vcpus=2, seed=3).table
+    kind = table.column("kind").cast(pa.string())
+    at = pc.indices_nonzero(pc.equal(kind, "populate")).to_pylist()
+    populate = [(r["gpa"], r["size"]) for r in table.take(pa.array(at, pa.int64())).to_pylist()]
     assert populate == list(LAUNCHED.get(name, ()))
     if not populate:  # dma-churn and implicit: the firmware is a flash slot, no launch
-        assert [r["gmem"] for r in rows if r["kind"] == "memslot"][-1] is False
+        slots = table.filter(pc.equal(kind, "memslot")).column("gmem").to_pylist()
+        assert slots[-1] is False
         return
-    first_vcpu = min(i for i, r in enumerate(rows) if r["vcpu"] >= 0)
-    assert max(i for i, r in enumerate(rows) if r["kind"] == "populate") < first_vcpu
+    first_vcpu = pc.indices_nonzero(pc.greater_equal(table.column("vcpu"), 0))[0].as_py()
+    assert max(at) < first_vcpu
     slots, private = [], set()
-    for r in rows[:first_vcpu]:
+    for r in table.slice(0, first_vcpu).to_pylist():  # the launch, not the millions after
         if r["kind"] == "memslot":
             assert not any(r["gpa"] < g + s and g < r["gpa"] + r["size"] for g, s, _ in slots)
             slots.append((r["gpa"], r["size"], r["gmem"]))

@@ -25,10 +25,10 @@ import numpy as np
 
 from upmtrace.attribution import WORK, inclusive, work
 from upmtrace.costs import DEFAULTS, default_costs
+from upmtrace.engine import replay
+from upmtrace.engine.reference import Engine, batch_rows_of
 from upmtrace.errors import InputError
 from upmtrace.policy import PRESETS
-from upmtrace.replay import replay
-from upmtrace.replay.engine import Engine, batch_rows_of
 from upmtrace.timing import HYPERCALL_EXIT, collect, row_reason
 from upmtrace.trace.schema import PAGE_SHIFT, Platform
 

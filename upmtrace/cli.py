@@ -275,6 +275,7 @@ def record(out: str, pid: int | None, duration: float | None, tool: str, dry_run
     if dry_run:
         click.echo(recorder.recipe(request, recorder.plan(request)), nl=False)
         return
+    check_outputs(Out(out, "-o"))  # before the recording, not after it
     outcome = recorder.record(request, notify=lambda text: click.echo(text, err=True))
     stopped = "; recording stopped by Ctrl-C" if outcome.interrupted else ""
     click.echo(f"wrote {out} ({human_bytes(outcome.bytes)}){stopped}", err=True)
@@ -344,9 +345,9 @@ def replay(trace: str, policy_spec: str, overrides: tuple[str, ...], costs_file:
            timeline_rows: int, paranoid: bool, by_vcpu: bool) -> None:
     """Replay TRACE under a policy and report exits, memory and direct-map cost."""
     from upmtrace.costs import load_costs
+    from upmtrace.engine import replay as run
     from upmtrace.policy import load_policy
     from upmtrace.progress import watched
-    from upmtrace.replay import replay as run
     from upmtrace.report import RENDERERS
     from upmtrace.timeline import Timeline, check_path, is_parquet
     from upmtrace.trace.io import read_trace
@@ -434,9 +435,9 @@ def plot(trace: str, policy_specs: tuple[str, ...], overrides: tuple[str, ...],
     """
     from upmtrace.atomic import write_atomic
     from upmtrace.costs import load_costs
+    from upmtrace.engine import replay as run
     from upmtrace.policy import check_distinct, load_policy
     from upmtrace.progress import progress, tracked
-    from upmtrace.replay import replay as run
     from upmtrace.report.plot import Series, format_of, render
     from upmtrace.timeline import Timeline
     from upmtrace.trace.io import read_trace
@@ -507,10 +508,10 @@ def check(ctx: click.Context, trace: str, baseline: str, policy_spec: str | None
                           Out(junit, "--junit", parents=True), Out(output, "--output"))
     with junit_always(junit, f"upmtrace check {trace}"):
         request = gate.Request(
-            baseline, policy_spec, overrides,
-            load_costs(costs_file) if costs_file else None, platform,
-            None if tolerance is None else Fraction(str(tolerance)), metrics,
-            allow_trace_change)
+            baseline, policy_spec=policy_spec, overrides=overrides,
+            costs=load_costs(costs_file) if costs_file else None, platform=platform,
+            tolerance=None if tolerance is None else Fraction(str(tolerance)), metrics=metrics,
+            allow_trace_change=allow_trace_change)
         if update:
             written = gate.update(trace, request, watched)
             note = (f"wrote {baseline}: policy {written.result.report['policy']['name']}, "
@@ -712,10 +713,10 @@ def fleet_check(ctx: click.Context, baseline: str, policy_specs: tuple[str, ...]
     suite = f"upmtrace fleet check {baseline}"
     with junit_always(junit, suite):
         request = gate.Request(
-            baseline, policy_specs, overrides,
-            load_costs(costs_file) if costs_file else None, platform,
-            None if tolerance is None else Fraction(str(tolerance)), metrics,
-            allow_trace_change)
+            baseline, policy_specs=policy_specs, overrides=overrides,
+            costs=load_costs(costs_file) if costs_file else None, platform=platform,
+            tolerance=None if tolerance is None else Fraction(str(tolerance)), metrics=metrics,
+            allow_trace_change=allow_trace_change)
         paths, runner, aside = _fleet_setup(
             traces, output, executor, scheduler, workers,
             Out(baseline if update else None, "--baseline", parents=True),

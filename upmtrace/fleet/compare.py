@@ -9,10 +9,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from upmtrace.engine import Result, replay, replay_many
 from upmtrace.errors import UsageError
 from upmtrace.fleet.executors import LocalExecutor
 from upmtrace.policy import Policy, check_distinct
-from upmtrace.replay import Result, replay, replay_many
 
 SCHEMA_ID = "upmtrace.compare.v1"
 # Starting a worker costs ~0.4 s (a fresh interpreter importing pyarrow); the engine replays

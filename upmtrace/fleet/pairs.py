@@ -2,7 +2,7 @@
 
 A worker runs `replay_trace` on its own: it opens the trace file itself (a path or a URL pyarrow
 can open), so only a path and the policies travel to it, replays the trace once for all of them
-(upmtrace.replay.replay_many), and returns one flat row per policy: the report keys with dotted
+(upmtrace.replay_many), and returns one flat row per policy: the report keys with dotted
 names. Rows are gathered as they complete and written sorted by (trace path,
 policy order), so every executor (upmtrace.fleet.executors) gives the same bytes.
 """
@@ -155,7 +155,7 @@ def replay_trace(path: str, policies_json: list[dict[str, Any]], platform: str |
     A trace that fails (unreadable or invalid, or anything else) gives every policy a row whose
     `error` says why in one line, its metric columns null.
     """
-    from upmtrace.replay import replay_many
+    from upmtrace.engine import replay_many
     from upmtrace.trace.io import read_trace
 
     policies = [Policy(**policy_json) for policy_json in policies_json]
@@ -284,9 +284,7 @@ def write_results(table: pa.Table, path: str) -> None:
 
 
 def check_output(path: str) -> None:
-    """Fail before replaying anything when the results file cannot be what we write."""
+    """The results file's name: Parquet (whether it can be written is checked with every other
+    output, by upmtrace.atomic.check_outputs)."""
     if not path.lower().endswith(".parquet"):
         raise UsageError(f"-o {path}: results are written as Parquet (name it *.parquet)")
-    folder = os.path.dirname(path) or "."
-    if not os.path.isdir(folder):
-        raise UsageError(f"-o {path}: no such folder {folder!r}")

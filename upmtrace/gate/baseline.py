@@ -16,10 +16,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from upmtrace.engine.reference import SCHEMA_ID as REPORT_SCHEMA
+from upmtrace.engine.reference import Result
 from upmtrace.errors import InputError
 from upmtrace.policy import Policy, PolicyError
-from upmtrace.replay.engine import SCHEMA_ID as REPORT_SCHEMA
-from upmtrace.replay.engine import Result
 from upmtrace.trace.schema import Platform
 
 SCHEMA_ID = "upmtrace.baseline.v1"

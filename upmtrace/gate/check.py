@@ -13,10 +13,10 @@ from fractions import Fraction
 from typing import Any, Literal
 
 from upmtrace.atomic import write_text
+from upmtrace.engine import Result, replay
 from upmtrace.errors import InputError, UpmtraceError, UsageError
 from upmtrace.gate.baseline import Baseline, read_baseline
 from upmtrace.policy import PRESETS, Policy, load_policy, parse_overrides
-from upmtrace.replay import Result, replay
 from upmtrace.trace.io import read_trace
 
 DEFAULT_METRICS = ("exits",)  # every key under exits: userspace and VM, totals included
@@ -26,17 +26,23 @@ Status = Literal["ok", "improved", "within", "regressed"]
 
 
 @dataclass(frozen=True)
-class Request:
-    """The `check` options, resolved once."""
+class GateOptions:
+    """The options `check` and `fleet check` share, resolved once."""
 
     baseline: str
-    policy_spec: str | None = None
     overrides: tuple[str, ...] = ()  # --set KEY=VALUE items
     costs: dict[str, int] | None = None
     platform: str | None = None
     tolerance: Fraction | None = None  # None: the baseline's
     metrics: tuple[str, ...] = ()  # empty: the baseline's
     allow_trace_change: bool = False
+
+
+@dataclass(frozen=True)
+class Request(GateOptions):
+    """The `check` options."""
+
+    policy_spec: str | None = None
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,14 @@ from upmtrace.fleet.executors import Executor
 from upmtrace.fleet.pairs import TOTALLED, Fleet, run
 from upmtrace.fleet.summary import summarize
 from upmtrace.gate.baseline import is_percentage, loads
-from upmtrace.gate.check import DEFAULT_METRICS, Outcome, TraceDelta, Verdict, status
+from upmtrace.gate.check import (
+    DEFAULT_METRICS,
+    GateOptions,
+    Outcome,
+    TraceDelta,
+    Verdict,
+    status,
+)
 from upmtrace.policy import PRESETS, Policy, load_policy, parse_overrides
 
 SCHEMA_ID = "upmtrace.fleet-baseline.v1"
@@ -64,17 +71,10 @@ class FleetBaseline:
 
 
 @dataclass(frozen=True)
-class Request:
-    """The `fleet check` options, resolved once."""
+class Request(GateOptions):
+    """The `fleet check` options."""
 
-    baseline: str
     policy_specs: tuple[str, ...] = ()  # empty: the baseline's policies
-    overrides: tuple[str, ...] = ()  # --set KEY=VALUE items
-    costs: dict[str, int] | None = None
-    platform: str | None = None
-    tolerance: Fraction | None = None  # None: the baseline's
-    metrics: tuple[str, ...] = ()  # empty: the baseline's
-    allow_trace_change: bool = False
 
 
 OnRow = Callable[[dict[str, Any]], None] | None

@@ -42,12 +42,6 @@ class Memslots:
         inside = (i >= 0) & (gfns < ends[np.maximum(i, 0)])
         return slots, np.where(inside, i, -1)
 
-    def __iter__(self):
-        return iter(sorted(self._by_id.values(), key=lambda s: s.start))
-
-    def get(self, slot_id: int) -> Slot | None:
-        return self._by_id.get(slot_id)
-
     def add(self, slot: Slot) -> None:
         if self._tree.overlaps(slot.start, slot.end):
             raise ValueError(f"memslot {slot.id} overlaps a live memslot")

@@ -6,7 +6,7 @@ import csv
 import io
 from typing import Any
 
-from upmtrace.replay.engine import Result
+from upmtrace.engine.reference import Result
 
 
 def render(result: Result, width: int | None = 100, **_) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from upmtrace.replay.engine import Result
+from upmtrace.engine.reference import Result
 
 
 def render(result: Result, width: int | None = 100, **_) -> str:

@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from upmtrace.costs import DEFAULTS
+from upmtrace.engine.reference import Result
 from upmtrace.policy import describe_values
-from upmtrace.replay.engine import Result
 from upmtrace.units import human_bytes
 
 EXIT_COST = {"userspace": "userspace_exit", "vm": "vm_exit"}

@@ -2,7 +2,7 @@
 Prints nothing.
 
 The Engine feeds one event at a time to the model; it is the oracle the batch path
-(upmtrace.replay.fast) is tested against.
+(upmtrace.engine.fast) is tested against.
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ from collections.abc import Iterable
 import numpy as np
 import pyarrow as pa
 
+from upmtrace.engine.reference import Engine, Row, batch_rows_of
 from upmtrace.model.bits import FULL, block_spans, span_mask
 from upmtrace.model.machine import SHARED
 from upmtrace.model.pool import Folio
-from upmtrace.replay.engine import Engine, Row, batch_rows_of
 from upmtrace.trace.schema import PAGE_SHIFT, PAGE_SIZE, PAGES_PER_BLOCK, Platform
 
 MIN_RUN = 64  # shorter npf runs are not worth the numpy set-up

@@ -9,9 +9,9 @@ import copy
 
 import pyarrow as pa
 
+from upmtrace.engine.fast import run_batches
+from upmtrace.engine.reference import BATCH_ROWS, COLS, Engine, Result, batch_rows_of
 from upmtrace.policy import PRESETS, Policy
-from upmtrace.replay.engine import BATCH_ROWS, COLS, Engine, Result, batch_rows_of
-from upmtrace.replay.fast import run_batches
 from upmtrace.timeline import Timeline
 from upmtrace.timing import add_timing
 from upmtrace.trace.schema import Platform
@@ -38,7 +38,7 @@ def replay(trace, policy: Policy | None = None, *, platform: str | None = None,
     """Replay a Trace (or a bare SCHEMA table) under a policy; returns the report
     (docs/report.md).
 
-    The batch path (upmtrace.replay.fast) is used unless `reference` or `paranoid` asks for the
+    The batch path (upmtrace.engine.fast) is used unless `reference` or `paranoid` asks for the
     row-by-row reference loop; both give the same report.
     """
     policy = policy or PRESETS["eager"]
