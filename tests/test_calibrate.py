@@ -90,7 +90,7 @@ def test_the_written_table_round_trips_through_costs(recorded, fit, tmp_path):
     result = run("calibrate", str(recorded), "-o", str(out))
     assert result.exit_code == 0, result.output
     assert load_costs(out) == {name: round(ns) for name, ns in fit.costs.items()}
-    text = out.read_text()
+    text = out.read_text(encoding="utf-8")
     assert f"sha256 {read_trace(recorded).sha256}" in text
     assert "# fitted: " in text and "rms residual" in text
     stdout = run("calibrate", str(recorded), "-o", "-")

@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,12 @@ def test_ctrl_c_is_130_on_every_command(work, monkeypatch, name):
     assert (result.exit_code, result.stderr) == (130, "Interrupted\n")
 
 
+def default_sigint() -> None:
+    """The child takes SIGINT as a terminal's Ctrl-C, even when this run was started in the
+    background (where SIGINT is ignored, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 SIGNALLED = """
 import os, signal, sys, time
 import upmtrace.engine as engine
@@ -102,7 +109,8 @@ main()
 @pytest.mark.parametrize(("name", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
 def test_a_real_signal_exits_128_plus_its_number(work, name, code):
     done = subprocess.run([sys.executable, "-c", SIGNALLED.format(name=name)], cwd=work,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=default_sigint)
     assert done.returncode == code, done.stderr
     assert "Traceback" not in done.stderr
 
@@ -129,7 +137,7 @@ def test_debug_is_accepted_after_the_command_too(work):
 def test_o_and_output_write_what_stdout_would_show(work, args, option):
     shown = run(*args).stdout
     assert run(*args, option, "out.json").stdout == ""
-    assert (work / "out.json").read_text() == shown
+    assert (work / "out.json").read_text(encoding="utf-8") == shown
 
 
 def test_info_json_and_replay_csv(work):

@@ -61,7 +61,7 @@ def test_a_symlink_is_followed_and_stays_a_link(work):
     (work / "link.json").symlink_to("real.json")
     assert replay_json("--output", "link.json").exit_code == 0
     assert (work / "link.json").is_symlink()
-    assert json.loads(target.read_text())["schema"] == "upmtrace.report.v1"
+    assert json.loads(target.read_text(encoding="utf-8"))["schema"] == "upmtrace.report.v1"
     assert stat.S_IMODE(target.stat().st_mode) == 0o640  # the replaced file keeps its mode
     assert sorted(p.name for p in work.iterdir()) == ["link.json", "real.json", "t.parquet"]
 
@@ -211,7 +211,7 @@ def test_check_update_creates_the_baseline_and_junit_folders(work):
     result = run("check", "t.parquet", "--update", "--baseline", "baselines/ci/x.json",
                  "--junit", "reports/junit.xml")
     assert result.exit_code == 0, result.output
-    assert json.loads((work / "baselines/ci/x.json").read_text())["schema"] == (
+    assert json.loads((work / "baselines/ci/x.json").read_text(encoding="utf-8"))["schema"] == (
         "upmtrace.baseline.v1")
     assert junit_of(work / "reports/junit.xml") == {"tests": "1", "failures": "0",
                                                      "errors": "0"}
@@ -265,5 +265,5 @@ def test_fleet_check_names_the_traces_that_regressed(work):
                if line.strip().startswith("eager:exits.userspace_total") and "t.parquet" in line)
     assert row.split() == ["eager:exits.userspace_total", "t.parquet", "1", "2", "+1"]
     assert "quiet.parquet" not in table_out
-    junit = (work / "j.xml").read_text()
+    junit = (work / "j.xml").read_text(encoding="utf-8")
     assert "\n  t.parquet: 1 -&gt; 2 (+1)" in junit and "quiet.parquet" not in junit

@@ -281,9 +281,9 @@ def test_every_import_writer_keeps_platform_source_recorded_and_version(
 def _stored_format(path) -> str:
     """upmtrace.format as the file holds it, read without upmtrace's readers."""
     if path.suffix == ".jsonl":
-        return json.loads(path.read_text().splitlines()[0])["upmtrace"]["format"]
+        return json.loads(path.read_text(encoding="utf-8").splitlines()[0])["upmtrace"]["format"]
     if path.suffix == ".csv":
-        return path.read_text().splitlines()[0].removeprefix("# upmtrace.format=")
+        return path.read_text(encoding="utf-8").splitlines()[0].removeprefix("# upmtrace.format=")
     schema = pq.read_schema(path) if path.suffix == ".parquet" else \
         pa.ipc.open_file(pa.memory_map(str(path))).schema
     return schema.metadata[b"upmtrace.format"].decode()

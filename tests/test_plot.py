@@ -205,4 +205,4 @@ def test_pinned_memory_is_a_dotted_curve_when_a_device_pins_it(trace, tmp_path):
                str(out)).exit_code == 0
     ids = [e.get("id") for e in ET.parse(out).getroot().iter() if e.get("id")]
     assert [i for i in ids if i.startswith("pinned-")] == ["pinned-pinned"]
-    assert "4.0 MiB pinned" in out.read_text()
+    assert "4.0 MiB pinned" in out.read_text(encoding="utf-8")

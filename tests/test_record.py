@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from upmtrace.trace import record as recorder
 from upmtrace.trace.record import EVENTS, QEMU_EVENTS
 
 FIXTURES = Path(__file__).parent / "fixtures" / "import"
-CANNED = (FIXTURES / "snp-ftrace.txt").read_text()
+CANNED = (FIXTURES / "snp-ftrace.txt").read_text(encoding="utf-8")
 
 FAKE = '''#!{python}
 import json, os, signal, sys, time
@@ -86,7 +87,13 @@ def fake(tmp_path, monkeypatch):
 def calls(fake) -> list[list[str]]:
     if not fake.calls.exists():
         return []
-    return [json.loads(line) for line in fake.calls.read_text().splitlines()]
+    return [json.loads(line) for line in fake.calls.read_text(encoding="utf-8").splitlines()]
+
+
+def default_sigint() -> None:
+    """A child that takes Ctrl-C as a terminal's does, even when this run was started in the
+    background, where SIGINT is ignored and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def invoke(*args):
@@ -116,7 +123,7 @@ def test_trace_cmd_records_every_importer_tracepoint_then_writes_the_report(tmp_
     assert record[-2:] == ["sleep", "2.5"]
     raw = record[3]
     assert report == ["trace-cmd", "report", "-i", raw, "-t"]
-    assert out.read_text() == CANNED
+    assert out.read_text(encoding="utf-8") == CANNED
     assert not Path(raw).exists()  # the binary file and its folder are removed
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert f"wrote {out}" in result.output
@@ -142,7 +149,7 @@ def test_perf_records_the_process_and_scripts_with_nanoseconds(tmp_path, fake):
     assert record[-5:] == ["-p", str(os.getpid()), "--", "sleep", "1"]
     assert script == ["perf", "script", "-i", record[3], "--ns", "-F",
                       "comm,tid,cpu,time,event,trace"]
-    assert out.read_text() == CANNED
+    assert out.read_text(encoding="utf-8") == CANNED
 
 
 def test_system_wide_perf_without_pid(tmp_path, fake):
@@ -260,10 +267,11 @@ def test_ctrl_c_ends_the_recording_writes_the_log_and_exits_0(tmp_path, fake):
     out = tmp_path / "kvm.log"
     env = os.environ | fake.env | {"FAKE_MODE": "ctrl-c"}
     done = subprocess.run([sys.executable, "-m", "upmtrace", "record", "-o", str(out)], env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=default_sigint)
     assert done.returncode == 0, done.stderr
     assert "recording stopped by Ctrl-C" in done.stderr
-    assert out.read_text() == CANNED
+    assert out.read_text(encoding="utf-8") == CANNED
     assert [c[1] for c in calls(fake)] == ["record", "report"]
 
 
@@ -281,7 +289,7 @@ def test_ctrl_c_while_converting_aborts_with_130_and_writes_nothing(tmp_path, fa
     env = os.environ | fake.env | {"FAKE_MODE": "ctrl-c-convert"}
     done = subprocess.run([sys.executable, "-m", "upmtrace", "record", "-o", str(out),
                            "--duration", "1"], env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, preexec_fn=default_sigint)
     assert done.returncode == 130, done.stderr
     assert "Traceback" not in done.stderr
     assert not out.exists()

@@ -322,7 +322,7 @@ def test_the_svg_plot_labels_every_frontier_policy_and_marks_the_base(trace, tmp
     out = tmp_path / "p.svg"
     result = run_cli("sweep", trace, *GRID, "--workers", "1", "--plot", out)
     assert result.exit_code == 0, result.output
-    svg = out.read_text()
+    svg = out.read_text(encoding="utf-8")
     root = ET.fromstring(svg)
     ids = {e.get("id") for e in root.iter() if e.get("id")}
     doc = sweep_json(trace, *GRID)

@@ -232,11 +232,12 @@ def _stored_metadata(path: Path) -> dict[str, str]:
     elif path.suffix in (".arrow", ".feather"):
         raw = pa.ipc.open_file(pa.memory_map(str(path))).schema.metadata
     elif path.suffix == ".jsonl":
-        body = json.loads(path.read_text().splitlines()[0])["upmtrace"]
+        body = json.loads(path.read_text(encoding="utf-8").splitlines()[0])["upmtrace"]
         return {f"upmtrace.{k}": v if isinstance(v, str) else json.dumps(v, sort_keys=True)
                 for k, v in body.items()}
     else:
-        lines = [line[2:] for line in path.read_text().splitlines() if line.startswith("# ")]
+        text = path.read_text(encoding="utf-8")
+        lines = [line[2:] for line in text.splitlines() if line.startswith("# ")]
         return dict(line.split("=", 1) for line in lines)
     return {k.decode(): v.decode() for k, v in raw.items() if k.startswith(b"upmtrace.")}
 
@@ -280,12 +281,14 @@ def test_format_1_files_without_a_latency_column_still_read(tmp_path):
         writer.write_table(old)
     write_trace(from_rows(ROWS), tmp_path / "new.csv")
     write_trace(from_rows(ROWS), tmp_path / "new.jsonl")
-    csv_lines = (tmp_path / "new.csv").read_text().splitlines()[2:]  # no comments
+    csv_lines = (tmp_path / "new.csv").read_text(encoding="utf-8").splitlines()[2:]  # no comments
     csv_lines[0] = csv_lines[0].removesuffix(',"latency"')
     (tmp_path / "t.csv").write_text("\n".join(line.removesuffix(",") if i else line
-                                              for i, line in enumerate(csv_lines)) + "\n")
+                                              for i, line in enumerate(csv_lines)) + "\n",
+                                    encoding="utf-8")
     (tmp_path / "t.jsonl").write_text(
-        "\n".join((tmp_path / "new.jsonl").read_text().splitlines()[1:]) + "\n")
+        "\n".join((tmp_path / "new.jsonl").read_text(encoding="utf-8").splitlines()[1:]) + "\n",
+        encoding="utf-8")
     for name in ("t.parquet", "t.arrow", "t.csv", "t.jsonl"):
         trace = read_trace(tmp_path / name)
         assert trace.table.equals(from_rows(ROWS)), name
@@ -329,7 +332,7 @@ def test_text_formats_keep_metadata_where_the_format_says(tmp_path, ext):
     path = tmp_path / f"t{ext}"
     write_trace(from_rows(ROWS), path, platform="sw", source="x",
                 recorded={"exits": {"vm": {"npf": 2}}})
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     if ext == ".jsonl":
         assert lines[0] == ('{"upmtrace":{"format":"1","platform":"sw","source":"x",'
                             '"recorded":{"exits":{"vm":{"npf":2}}}}}')
