@@ -23,11 +23,6 @@ EXIT_KEYS = ["exits.userspace.KVM_EXIT_MEMORY_FAULT", "exits.userspace.KVM_EXIT_
              "exits.vm.vmcall", "exits.vm_total"]
 
 
-@pytest.fixture(autouse=True)
-def wide_terminal(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "160")
-
-
 @pytest.fixture
 def trace(tmp_path):
     path = tmp_path / "t.parquet"

@@ -21,11 +21,6 @@ ROWS = (memslot(0, 0, 4 * M), attrs(0, 4 * M), npf(0, True), npf(4 * K, True),
         psc(0, 4 * K, "private", req=2), psc(8 * K, 4 * K, "private", req=2), npf(0, True))
 
 
-@pytest.fixture(autouse=True)
-def wide_terminal(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "160")
-
-
 @pytest.fixture
 def trace(tmp_path):
     path = tmp_path / "t.parquet"

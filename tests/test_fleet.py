@@ -23,7 +23,7 @@ from upmtrace.fleet.pairs import (
     _groups,
     find_traces,
     flatten,
-    replay_pair,
+    replay_trace,
     run,
 )
 from upmtrace.fleet.summary import summarize
@@ -44,9 +44,9 @@ def flips(n: int) -> list[dict]:
     return rows
 
 
-@pytest.fixture(autouse=True)
-def wide_terminal(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "160")
+def solo(path: str, preset: str) -> dict:
+    """The row of one trace replayed under one preset alone."""
+    return replay_trace(path, [PRESETS[preset].to_json()], None, None)[0]
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def test_naming_no_trace_is_an_input_error(tmp_path, monkeypatch, arg, message):
 
 def test_a_row_is_the_flattened_report_on_the_declared_columns(fleet_dir):
     path = str(fleet_dir / "flip-04.parquet")
-    row = replay_pair(path, PRESETS["lazy"].to_json(), None, None)
+    row = solo(path, "lazy")
     assert list(row) == RESULT_SCHEMA.names
     report = dict(flatten(replay(read_trace(path), PRESETS["lazy"]).report))
     assert {m: row[m] for m in METRICS} == {m: report[m] for m in METRICS}
@@ -136,7 +136,7 @@ def test_a_row_is_the_flattened_report_on_the_declared_columns(fleet_dir):
 
 
 def test_a_corrupt_trace_is_a_row_with_its_error(corrupt):
-    row = replay_pair(str(corrupt), PRESETS["eager"].to_json(), None, None)
+    row = solo(str(corrupt), "eager")
     assert row["error"].startswith(f"{corrupt}: not a readable Parquet file (")
     assert "\n" not in row["error"]
     assert row["trace.path"] == str(corrupt) and row["policy.name"] == "eager"
@@ -146,12 +146,12 @@ def test_a_corrupt_trace_is_a_row_with_its_error(corrupt):
 def test_a_url_is_read_through_pyarrow(fleet_dir):
     path = fleet_dir / "flip-02.parquet"
     url = path.as_uri()
-    row = replay_pair(url, PRESETS["eager"].to_json(), None, None)
-    plain = replay_pair(str(path), PRESETS["eager"].to_json(), None, None)
+    row = solo(url, "eager")
+    plain = solo(str(path), "eager")
     assert row["trace.path"] == url and row["error"] is None
     assert {k: v for k, v in row.items() if k != "trace.path"} == {
         k: v for k, v in plain.items() if k != "trace.path"}
-    missing = replay_pair(url.replace("flip-02", "gone"), PRESETS["eager"].to_json(), None, None)
+    missing = solo(url.replace("flip-02", "gone"), "eager")
     assert missing["error"].startswith(url.replace("flip-02", "gone") + ": cannot open (")
 
 
@@ -179,7 +179,7 @@ def test_one_pass_per_trace_gives_each_policy_its_own_replays_row(fleet_dir, mon
     assert passes == [["eager", "lazy", "hugepool"]] * 2
     monkeypatch.setattr(package, "replay_many", many)
     for row in table.to_pylist():
-        alone = replay_pair(row["trace.path"], PRESETS[row["policy.name"]].to_json(), None, None)
+        alone = solo(row["trace.path"], row["policy.name"])
         assert row == alone
 
 

@@ -35,11 +35,6 @@ def churn(n: int) -> list[dict]:
     return rows
 
 
-@pytest.fixture(autouse=True)
-def wide_terminal(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "200")
-
-
 @pytest.fixture
 def trace(tmp_path) -> Path:
     path = tmp_path / "churn.parquet"

@@ -1,4 +1,4 @@
-"""Replaying a trace: the row-by-row reference loop (engine) and the batch core (fast).
+"""Replaying a trace: the row-by-row reference loop (reference.py) and the batch core (fast.py).
 
 `replay` runs one policy; `replay_many` decodes the trace once and feeds every policy from it.
 """

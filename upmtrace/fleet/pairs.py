@@ -141,12 +141,6 @@ def check_policies(policies: Sequence[Policy]) -> None:
 Job = tuple[str, list[dict[str, Any]], str | None, dict[str, int] | None]
 
 
-def replay_pair(path: str, policy_json: dict[str, Any], platform: str | None,
-                costs: dict[str, int] | None) -> dict[str, Any]:
-    """replay_trace for one policy: its one result row."""
-    return replay_trace(path, [policy_json], platform, costs)[0]
-
-
 def replay_trace(path: str, policies_json: list[dict[str, Any]], platform: str | None,
                  costs: dict[str, int] | None) -> list[dict[str, Any]]:
     """Read the trace at `path` once and replay it under every policy (replay_many: the trace
