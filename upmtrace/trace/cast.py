@@ -77,6 +77,8 @@ def _check_names(table: pa.Table, path: str | None, rows: Rows) -> None:
 
 def _conform_column(column: pa.Array | pa.ChunkedArray, field: pa.Field, path: str | None,
                     rows: Rows, text: bool) -> pa.Array | pa.ChunkedArray:
+    if column.type == field.type and not pa.types.is_dictionary(field.type):
+        return column  # the common case: a file written to SCHEMA
     if column.null_count == len(column):
         return pa.nulls(len(column), field.type)
     if pa.types.is_dictionary(field.type):
@@ -120,6 +122,8 @@ def _encode(column: pa.Array, field: pa.Field, path: str | None, rows: Rows) -> 
     _check_utf8(values, indices, field.name, path, rows)
     used = values if indices is None else values.take(pc.unique(indices).drop_null())
     dictionary = _dictionary(field.name, pc.unique(used).drop_null().to_pylist(), path)
+    if column.type == field.type and dictionary.equals(values):
+        return column  # canonical already: nothing to remap
     remapped = pc.index_in(values, value_set=dictionary)
     if indices is not None:  # remap the (few) dictionary entries, then take by index
         remapped = remapped.take(indices)

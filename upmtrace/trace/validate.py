@@ -23,6 +23,10 @@ CODE = {kind: code for code, kind in enumerate(KINDS)}
 ALIGNED_KINDS = (Kind.MEMSLOT, Kind.SET_ATTRIBUTES, Kind.PSC, Kind.MAP_GPA, Kind.POPULATE)
 VCPU_KINDS = (Kind.NPF, Kind.PSC, Kind.MAP_GPA)
 SIZED_KINDS = tuple(k for k in Kind if "size" in REQUIRED[k])
+NEEDED = {name: tuple(k for k in KINDS if name in REQUIRED[k])  # column -> kinds that need it
+          for name in ("vcpu", "gpa", "size", "private", "slot", "req", "op")}
+NEED_BITS = np.array([sum(1 << bit for bit, kinds in enumerate(NEEDED.values()) if k in kinds)
+                      for k in KINDS] + [0], dtype=np.uint8)
 HOST = -1
 
 
@@ -42,8 +46,11 @@ class Columns:
         self.live = dict(carry.live)  # memslots live after this table (set by the overlap rule)
         self._values: dict[str, np.ndarray] = {}
         self._nulls: dict[str, np.ndarray] = {}
+        self._kinds: dict[tuple, np.ndarray] = {}
         self.kind = self.codes("kind")
         self.op = self.codes("op")
+        # -1 (null) and unknown kinds: the last entry of a lookup table
+        self._kind_index = np.clip(self.kind, -1, len(KINDS)).astype(np.intp)
 
     def codes(self, name: str) -> np.ndarray:
         """Canonical codes (FIXED_DICTIONARY order, then other values), -1 for null."""
@@ -56,9 +63,13 @@ class Columns:
     def values(self, name: str) -> np.ndarray:
         if name not in self._values:
             column = self.table.column(name)
-            fill = False if pa.types.is_boolean(column.type) else 0
-            self._values[name] = np.asarray(column.fill_null(fill))
+            if column.null_count:
+                column = column.fill_null(False if pa.types.is_boolean(column.type) else 0)
+            self._values[name] = np.asarray(column)
         return self._values[name]
+
+    def has_null(self, name: str) -> bool:
+        return self.table.column(name).null_count > 0
 
     def null(self, name: str) -> np.ndarray:
         if name not in self._nulls:
@@ -67,9 +78,16 @@ class Columns:
 
     def of_kinds(self, kinds) -> np.ndarray:
         """Rows whose kind is one of `kinds` (a lookup table indexed by the int8 code)."""
-        lookup = np.zeros(len(KINDS) + 1, dtype=bool)
-        lookup[[CODE[k] for k in kinds]] = True
-        return lookup[np.clip(self.kind, -1, len(KINDS))]  # -1 (null) and unknown: last
+        key = tuple(kinds)
+        if key not in self._kinds:
+            lookup = np.zeros(len(KINDS) + 1, dtype=bool)
+            lookup[[CODE[k] for k in kinds]] = True
+            self._kinds[key] = lookup.take(self._kind_index)
+        return self._kinds[key]
+
+    def needs(self) -> np.ndarray:
+        """Per row, the bits (1 << position in NEEDED) of the columns its kind requires."""
+        return NEED_BITS.take(self._kind_index)
 
     def label(self, name: str, index: int) -> str:
         return str(self.table.column(name)[index].as_py())
@@ -79,6 +97,9 @@ def _canonical(chunk: pa.DictionaryArray, fixed: tuple[str, ...]) -> np.ndarray:
     """A dictionary chunk's indices as codes: position in `fixed`, else len(fixed) + position
     among the other values of its dictionary; -1 for null."""
     words = chunk.dictionary.to_pylist()
+    if words[:len(fixed)] == list(fixed):  # canonical already: the codes are the indices
+        indices = chunk.indices if not chunk.null_count else chunk.indices.fill_null(-1)
+        return np.asarray(indices).astype(np.int16)
     extra = [w for w in words if w not in fixed]
     lookup = np.array([fixed.index(w) if w in fixed else len(fixed) + extra.index(w)
                        for w in words] + [-1], dtype=np.int16)
@@ -119,7 +140,7 @@ def _first(mask: np.ndarray) -> int | None:
 
 def _never_null(cols: Columns) -> Problem | None:
     for name in ("ts", "kind"):
-        if (i := _first(cols.null(name))) is not None:
+        if cols.has_null(name) and (i := _first(cols.null(name))) is not None:
             return Problem(i, name, f"{name} is missing")
     return None
 
@@ -134,9 +155,12 @@ def _known_kind(cols: Columns) -> Problem | None:
 
 def _required(cols: Columns) -> Problem | None:
     found = []
-    for name in ("vcpu", "gpa", "size", "private", "slot", "req", "op"):
-        kinds = [k for k in KINDS if name in REQUIRED[k]]
-        if (i := _first(cols.of_kinds(kinds) & cols.null(name))) is not None:
+    needs = None
+    for bit, name in enumerate(NEEDED):
+        if not cols.has_null(name):
+            continue
+        needs = cols.needs() if needs is None else needs
+        if (i := _first(cols.null(name) & (needs & (1 << bit)).astype(bool))) is not None:
             kind = KINDS[cols.kind[i]]
             found.append(Problem(i, name, f"missing {name} (a {kind} event needs "
                                           f"{', '.join(REQUIRED[kind])})"))
@@ -152,9 +176,12 @@ def _known_op(cols: Columns) -> Problem | None:
 
 
 def _vcpu(cols: Columns) -> Problem | None:
-    vcpu, valid = cols.values("vcpu"), ~cols.null("vcpu")
-    guest = cols.of_kinds(VCPU_KINDS)
-    i = _first(valid & ((vcpu < HOST) | (guest & (vcpu < 0))))
+    vcpu = cols.values("vcpu")
+    negative = vcpu < 0
+    if not negative.any():
+        return None
+    valid, guest = ~cols.null("vcpu"), cols.of_kinds(VCPU_KINDS)
+    i = _first(valid & ((vcpu < HOST) | (guest & negative)))
     if i is None:
         return None
     if vcpu[i] < HOST:
@@ -165,11 +192,16 @@ def _vcpu(cols: Columns) -> Problem | None:
 
 def _positive_size(cols: Columns) -> Problem | None:
     kinds = [k for k in SIZED_KINDS if k is not Kind.MEMSLOT]  # memslot size 0 deletes
-    i = _first(cols.of_kinds(kinds) & ~cols.null("size") & (cols.values("size") == 0))
+    zero = cols.values("size") == 0
+    if not zero.any():
+        return None
+    i = _first(cols.of_kinds(kinds) & ~cols.null("size") & zero)
     return None if i is None else Problem(i, "size", "size must be greater than 0")
 
 
 def _latency(cols: Columns) -> Problem | None:
+    if cols.table.column("latency").null_count == cols.table.num_rows:
+        return None
     i = _first(~cols.null("latency") & (cols.values("latency") < 0))
     if i is None:
         return None
@@ -178,8 +210,10 @@ def _latency(cols: Columns) -> Problem | None:
 
 
 def _aligned(cols: Columns) -> Problem | None:
-    kinds = cols.of_kinds(ALIGNED_KINDS)
     gpa, size = cols.values("gpa"), cols.values("size")
+    if not ((gpa | size) & np.uint64(PAGE_SIZE - 1)).any():
+        return None
+    kinds = cols.of_kinds(ALIGNED_KINDS)
     bad_gpa = _first(kinds & (gpa % PAGE_SIZE != 0))
     bad_size = _first(kinds & (size % PAGE_SIZE != 0))
     found = []
