@@ -67,10 +67,16 @@ class Decoded:
         self.private = batch.column(names.index("private")).fill_null(False).to_numpy(
             zero_copy_only=False)
         self.short: dict[int, tuple[list[int], list[int], list[bool]]] = {}
-        for s, e, npf in self.segments:
-            if npf and e - s < MIN_RUN:
-                self.short[s] = (self.ts[s:e].tolist(), self.gfn[s:e].tolist(),
-                                 self.private[s:e].tolist())
+        length = ends - starts
+        short = is_npf[starts] & (length < MIN_RUN)
+        if short.any():  # every short run's rows as Python lists at once, then sliced
+            rows = np.repeat(short, length)
+            ts, gfn, private = (self.ts[rows].tolist(), self.gfn[rows].tolist(),
+                                self.private[rows].tolist())
+            at = 0
+            for s, n in zip(starts[short].tolist(), length[short].tolist(), strict=True):
+                self.short[s] = ts[at:at + n], gfn[at:at + n], private[at:at + n]
+                at += n
 
     def feed(self, engine: Engine) -> None:
         if engine.paranoid:
@@ -100,14 +106,17 @@ def feed_other(engine: Engine, row: Row) -> None:
         engine.sample()
     engine.ts = row[0]
     engine.events += 1
-    engine.ledger.switch("none")  # no exit causes a host access (Engine.feed's CAUSE)
     if not host_access_in_block(engine, row[3], row[4]):
+        engine.ledger.switch("none")  # no exit causes a host access (Engine.feed's CAUSE)
         engine.host_access(row)
     engine.event_done()
 
 
 def host_access_in_block(engine: Engine, gpa: int, size: int) -> bool:
-    """Engine.host_access for an access inside one block of one memslot; False otherwise."""
+    """Engine.host_access for an access inside one block of one memslot; False otherwise.
+
+    The ledger is switched to `none` only when the access populates a page: an access that
+    allocates nothing moves no work counter, so there is nothing to charge to any cause."""
     m = engine.m
     g0, g1 = gpa >> PAGE_SHIFT, (gpa + size + PAGE_SIZE - 1) >> PAGE_SHIFT
     block = g0 >> 9
@@ -127,7 +136,8 @@ def host_access_in_block(engine: Engine, gpa: int, size: int) -> bool:
             mask &= ~private
         else:
             engine.count["host_access.stale"] += private.bit_count()
-    if mask:
+    if mask & ~m.pools[SHARED].pages.get(block, 0):
+        engine.ledger.switch("none")
         m.populate(SHARED, block, mask)
     return True
 
