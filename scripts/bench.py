@@ -204,6 +204,15 @@ def goals(results: dict) -> list[dict]:
         met = {">=": value >= bound, "<=": value <= bound, "<": value < bound}[op]
         out.append({"goal": goal, "measured": value, "unit": unit, "met": met})
         print(f"{'met  ' if met else 'SHORT'}  {goal:58} {value:8.2f} {unit}", flush=True)
+    floors: dict[str, dict] = {}  # the fastest floor of each trace
+    for r in results["throughput"]:
+        if r["trace"] not in floors or r["floor_seconds"] < floors[r["trace"]]["floor_seconds"]:
+            floors[r["trace"]] = r
+    ceiling = min(floors.values(), key=lambda r: r["events"] / r["floor_seconds"])
+    rate = ceiling["events"] / ceiling["floor_seconds"] / 1e6
+    print(f"ceiling: a process that only reads {ceiling['trace']} runs at {rate:.2f} Mev/s "
+          f"({ceiling['floor_seconds']:.2f} s); no replay of it can be faster here", flush=True)
+    results["ceiling"] = {"trace": ceiling["trace"], "mev_per_s": rate}
     return out
 
 
