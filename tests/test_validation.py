@@ -60,6 +60,8 @@ CSV_CASES = [
     ("vcpu_host_on_map_gpa", [SLOT, "1,map_gpa,-1,0,4096,true,,,,,,"],
      "t.csv, row 2, column 'vcpu': vcpu -1 is not a vCPU index (map_gpa events come from a "
      "vCPU)"),
+    ("vcpu_host_on_every_row", ["0,memslot,-1,0,1073741824,,,0,true,,,", "1,npf,-1,0,,true,,,,,,"],
+     "t.csv, row 2, column 'vcpu': vcpu -1 is not a vCPU index (npf events come from a vCPU)"),
     ("vcpu_below_host", [SLOT, "1,host_access,-2,0,8,,,,,,,"],
      "t.csv, row 2, column 'vcpu': vcpu -2 is negative (only -1, the host, is allowed)"),
     ("ts_backwards", [SLOT, "5,npf,0,0,,true,,,,,,", "5,npf,0,0,,true,,,,,,",
