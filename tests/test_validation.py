@@ -50,6 +50,13 @@ CSV_CASES = [
     ("range_beyond_limit", [SLOT, "1,set_attributes,,4503599627366400,8192,true,,,,,,"],
      "t.csv, row 2, column 'size': gpa 0xffffffffff000 + size 0x2000 ends beyond the 52-bit "
      "guest physical address space"),
+    # no large size elsewhere in the file to hide these from the rule's whole-batch shortcut
+    ("gpa_at_limit_alone", ["0,npf,0,4503599627370496,,true,,,,,,"],
+     "t.csv, row 1, column 'gpa': gpa 0x10000000000000 is beyond the 52-bit guest physical "
+     "address space"),
+    ("host_access_one_byte_beyond", ["0,host_access,-1,4503599627370488,9,,,,,,,"],
+     "t.csv, row 1, column 'size': gpa 0xffffffffffff8 + size 0x9 ends beyond the 52-bit "
+     "guest physical address space"),
     ("psc_op", [SLOT, "1,psc,0,0,4096,,,,,1,encrypt,"],
      "t.csv, row 2, column 'op': unknown psc op 'encrypt' (expected one of private, shared, "
      "psmash, unsmash)"),

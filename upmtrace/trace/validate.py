@@ -193,9 +193,11 @@ def _vcpu(cols: Columns) -> Problem | None:
 def _positive_size(cols: Columns) -> Problem | None:
     kinds = [k for k in SIZED_KINDS if k is not Kind.MEMSLOT]  # memslot size 0 deletes
     zero = cols.values("size") == 0
+    if cols.has_null("size"):
+        zero &= ~cols.null("size")
     if not zero.any():
         return None
-    i = _first(cols.of_kinds(kinds) & ~cols.null("size") & zero)
+    i = _first(cols.of_kinds(kinds) & zero)
     return None if i is None else Problem(i, "size", "size must be greater than 0")
 
 
@@ -228,6 +230,8 @@ def _aligned(cols: Columns) -> Problem | None:
 def _gpa_limit(cols: Columns) -> Problem | None:
     gpa, size = cols.values("gpa"), cols.values("size")
     limit = np.uint64(GPA_LIMIT)
+    if not len(gpa) or (gpa.max() < limit and size.max() <= limit - gpa.max()):
+        return None  # every row ends inside the limit
     beyond = ~cols.null("gpa") & (gpa >= limit)
     with np.errstate(over="ignore"):
         room = limit - gpa  # wraps where gpa > limit, which `beyond` already reports
