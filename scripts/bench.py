@@ -6,8 +6,9 @@
 
 Every measurement is a fresh process, timed whole from the outside (interpreter start, imports,
 reading and validating the trace, replay, report), and each is the best of --repeat runs. Next
-to each replay the pyarrow floor is measured in the same run: a process that only starts Python
-and reads the same file with pyarrow.parquet.read_table. The ratio replay / floor is what to
+to each replay the pyarrow floor is measured in the same run, the two processes in turn: a
+process that only starts Python and reads the same file with pyarrow.parquet.read_table.
+`compare` and the one replay it is set against also run in turn. The ratio replay / floor is what to
 compare across machines; on a loaded machine the absolute figures are not. Traces are made with
 `upmtrace synth` (and a hand-built sparse trace) and cached under bench-cache/.
 """
@@ -39,12 +40,21 @@ sys.exit(done.returncode)
 
 def timed(args: list[str], repeat: int) -> float:
     """Best wall time of `repeat` runs of a whole process."""
-    best = float("inf")
+    return timed_pair(args, None, repeat)[0]
+
+
+def timed_pair(first: list[str], second: list[str] | None, repeat: int) -> tuple[float, float]:
+    """Best wall times of two processes run in turn, `repeat` times each: a ratio of the two
+    is taken under the same load, not across a load change between two series."""
+    best = [float("inf"), float("inf")]
     for _ in range(repeat):
-        start = time.perf_counter()
-        subprocess.run(args, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
-        best = min(best, time.perf_counter() - start)
-    return best
+        for i, args in enumerate((first, second)):
+            if args is None:
+                continue
+            start = time.perf_counter()
+            subprocess.run(args, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0], best[1]
 
 
 def peak_rss(args: list[str]) -> int:
@@ -103,9 +113,9 @@ def throughput(path: Path, presets: list[str], repeat: int) -> list[dict]:
     events = events_of(path)
     rows = []
     for preset in presets:
-        floor = timed([sys.executable, "-c", FLOOR, str(path)], repeat)
-        seconds = timed([*UPMTRACE, "replay", str(path), "--policy", preset, "--format", "json"],
-                        repeat)
+        floor, seconds = timed_pair(
+            [sys.executable, "-c", FLOOR, str(path)],
+            [*UPMTRACE, "replay", str(path), "--policy", preset, "--format", "json"], repeat)
         rows.append({"trace": path.stem, "preset": preset, "events": events, "seconds": seconds,
                      "mev_per_s": events / seconds / 1e6, "floor_seconds": floor,
                      "ratio_to_floor": seconds / floor})
@@ -117,9 +127,9 @@ def throughput(path: Path, presets: list[str], repeat: int) -> list[dict]:
 
 def compare_cost(path: Path, repeat: int) -> dict:
     many = [arg for p in COMPARED for arg in ("--policy", p)]
-    n = timed([*UPMTRACE, "compare", str(path), *many, "--format", "json"], repeat)
-    one = timed([*UPMTRACE, "replay", str(path), "--policy", COMPARED[0], "--format", "json"],
-                repeat)
+    n, one = timed_pair(
+        [*UPMTRACE, "compare", str(path), *many, "--format", "json"],
+        [*UPMTRACE, "replay", str(path), "--policy", COMPARED[0], "--format", "json"], repeat)
     print(f"compare of {len(COMPARED)} policies {n:.2f} s vs one replay {one:.2f} s: "
           f"x{n / one:.2f}  ({path.stem})", flush=True)
     return {"trace": path.stem, "policies": COMPARED, "compare_seconds": n,
