@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_cli_consistency import default_sigint
 
 from upmtrace.cli import cli
 from upmtrace.trace import record as recorder
@@ -88,12 +88,6 @@ def calls(fake) -> list[list[str]]:
     if not fake.calls.exists():
         return []
     return [json.loads(line) for line in fake.calls.read_text(encoding="utf-8").splitlines()]
-
-
-def default_sigint() -> None:
-    """A child that takes Ctrl-C as a terminal's does, even when this run was started in the
-    background, where SIGINT is ignored and children inherit that."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def invoke(*args):
