@@ -190,6 +190,10 @@ def main() -> None:
     if not all(g["met"] for g in results["goals"] if g["goal"].startswith("replay")):
         print("== where a replay's time goes (cProfile, in one process) ==")
         results["profile"] = profile(synth(args.cache, "lazy-accept", "16G"))
+    if not next(g for g in results["goals"] if g["goal"].startswith("compare"))["met"]:
+        print("== where compare's time goes (CPU, in one process) ==")
+        results["compare_profile"] = compare_profile(synth(args.cache, "lazy-accept", "16G"),
+                                                     results["compare"])
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results in {args.json}")
 
@@ -263,6 +267,43 @@ def profile(path: Path, top: int = 15) -> dict:
         listed.append({"function": where, "own_seconds": own, "calls": calls})
     return {"trace": path.stem, "read_cpu_seconds": read, "model_cpu_seconds": model,
             "events": events, "top": listed}
+
+
+def compare_profile(path: Path, measured: dict) -> dict:
+    """compare's cost split into the work every policy shares (read, validate, decode: F) and
+    each policy's own model (M_i), as CPU time in one process; the rest of a whole process
+    (start, imports, report: S) is the one replay's wall time less its F and M_1.
+
+    One replay is S + F + M_1 and compare is S + F + sum(M_i), so compare <= 2x one replay
+    exactly when sum(M_i) - 2 M_1 <= S + F: the policies' models must fit in the shared work."""
+    from upmtrace.engine import Engine
+    from upmtrace.engine.fast import Decoded
+    from upmtrace.policy import PRESETS as POLICIES
+    from upmtrace.trace.io import read_trace
+    from upmtrace.trace.schema import Platform
+
+    start = time.process_time()
+    trace = read_trace(path)
+    decoded = [Decoded(batch) for batch in trace.batches()]
+    shared = time.process_time() - start
+    models = []
+    for name in COMPARED:
+        engine = Engine(POLICIES[name], Platform(trace.platform))
+        start = time.process_time()
+        for batch in decoded:
+            batch.feed(engine)
+        engine.finish()
+        models.append(time.process_time() - start)
+    rest = max(0.0, measured["replay_seconds"] - shared - models[0])
+    need, have = sum(models) - 2 * models[0], rest + shared
+    print(f"{path.stem}: shared F {shared:.2f} s (read, validate, decode), the rest of a "
+          f"process S {rest:.2f} s;")
+    print("  each policy's model M: " + ", ".join(
+        f"{name} {m:.2f} s" for name, m in zip(COMPARED, models, strict=True)))
+    print(f"  2x needs sum(M) - 2 M_1 <= S + F: {need:.2f} s vs {have:.2f} s; the models "
+          f"would have to run {need / have if have else float('inf'):.2f}x faster")
+    return {"trace": path.stem, "shared_cpu_seconds": shared, "rest_seconds": rest,
+            "model_cpu_seconds": dict(zip(COMPARED, models, strict=True))}
 
 
 if __name__ == "__main__":
