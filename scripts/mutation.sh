@@ -47,7 +47,7 @@ fi
     printf '    %s\n' tests/test_oracle.py tests/test_engine_scenarios.py tests/test_engine_devices.py \
         tests/test_engine_edges.py
     echo "pytest_add_cli_args ="
-    printf '    %s\n' -p no:cacheprovider -x -q
+    printf '    %s\n' -p no:cacheprovider -n 0 -x -q  # mutmut runs its own children
 } > setup.cfg
 
 # a fixed, smaller example budget: every mutant sees the same examples (tests/conftest.py)

@@ -24,6 +24,23 @@ if os.environ.get("UPMTRACE_FUZZ") in ("long", "mutation"):
     settings.load_profile(os.environ["UPMTRACE_FUZZ"])
 
 
+MAX_WORKERS = 8  # past this the slowest single tests (about 17 s) bound the suite anyway
+
+
+def pytest_xdist_auto_num_workers(config) -> int | None:
+    """`-n auto` (pyproject addopts): one worker per CPU this process may run on, at most
+    MAX_WORKERS, rather than pytest-xdist's count of the host's physical cores, which in a
+    container can be many more than the container may use. PYTEST_XDIST_AUTO_NUM_WORKERS, if
+    set, is left to pytest-xdist."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_WORKERS))
+
+
 @pytest.fixture(autouse=True)
 def _generous_terminal_width(monkeypatch):
     """Every test renders at a fixed, generous width, whatever the terminal running it (a test
