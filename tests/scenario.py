@@ -24,6 +24,23 @@ def examples(default: int) -> int:
     return settings().max_examples if os.environ.get("UPMTRACE_FUZZ") else default
 
 
+class Reach:
+    """How many of a property's examples reached its end: `examples` is counted where an example
+    starts, `replayed` where it got through the engine."""
+
+    def __init__(self) -> None:
+        self.examples = self.replayed = 0
+
+    def run(self, prop) -> None:
+        """Run the @given function `prop` (all its examples) and fail if fewer than 80 % of them
+        got through: a generator that stopped making replayable traces would leave it vacuous.
+        One test does both, so the count never depends on which tests ran before in the same
+        process (pytest-xdist spreads tests over processes)."""
+        self.examples = self.replayed = 0
+        prop()
+        assert self.examples >= 1 and self.replayed >= 0.8 * self.examples, vars(self)
+
+
 def table(*rows: dict) -> pa.Table:
     full = [{name: None for name in SCHEMA.names} | {"ts": i} | row for i, row in enumerate(rows)]
     return pa.Table.from_pylist(full, schema=SCHEMA)
