@@ -26,6 +26,9 @@ MIN_RUN = 64  # shorter npf runs are not worth the numpy set-up
 CHUNK = 8192  # rows per vectorised step; bounds the cost of re-checking after a conversion
 MAX_PIECES = 64  # contiguous pieces a run of faults is swept in, at most
 
+Pieces = list[tuple[int, int, bool]]  # [(g0, g1, private)]: gfn ranges of one privacy, in order
+ShortRun = tuple[list[int], list[int], list[bool]]  # ts, gfn, private
+
 
 def run_batches(engines: Engine | list[Engine], batches: Iterable[pa.RecordBatch]) -> None:
     """Feed every batch, decoded once, to each engine in turn; then finish them."""
@@ -42,7 +45,8 @@ class Decoded:
     """A record batch decoded once: npf runs as numpy columns, other rows as tuples.
 
     Decoding is the part of a replay that does not depend on the policy, so one Decoded batch
-    feeds any number of engines.
+    feeds any number of engines. So is splitting a run of faults into its contiguous pieces
+    (`pieces`): that is done on the first engine's demand and kept for the others.
     """
 
     def __init__(self, batch: pa.RecordBatch) -> None:
@@ -66,7 +70,8 @@ class Decoded:
                     >> PAGE_SHIFT)
         self.private = batch.column(names.index("private")).fill_null(False).to_numpy(
             zero_copy_only=False)
-        self.short: dict[int, tuple[list[int], list[int], list[bool]]] = {}
+        self.short: dict[int, ShortRun] = {}
+        self.found: dict[tuple[int, int], Pieces | None] = {}  # pieces, by rows [a, b)
         length = ends - starts
         short = is_npf[starts] & (length < MIN_RUN)
         if short.any():  # every short run's rows as Python lists at once, then sliced
@@ -77,6 +82,15 @@ class Decoded:
             for s, n in zip(starts[short].tolist(), length[short].tolist(), strict=True):
                 self.short[s] = ts[at:at + n], gfn[at:at + n], private[at:at + n]
                 at += n
+
+    def pieces(self, a: int, b: int) -> Pieces | None:
+        """The pieces of the npf rows [a, b) of the batch, found once for every engine: of a
+        short run (in self.short) from its lists, of a chunk of a long run with pieces_of."""
+        key = (a, b)
+        if key not in self.found:
+            self.found[key] = (short_pieces(*self.short[a][1:]) if a in self.short
+                               else pieces_of(self.gfn[a:b], self.private[a:b]))
+        return self.found[key]
 
     def feed(self, engine: Engine) -> None:
         if engine.paranoid:
@@ -90,9 +104,9 @@ class Decoded:
                     feed_other(engine, row)
                 at += e - s
             elif e - s >= MIN_RUN:
-                npf_run(engine, self.ts[s:e], self.gfn[s:e], self.private[s:e])
+                npf_run(engine, self, s, e)
             else:
-                short_npf_run(engine, *self.short[s])
+                short_npf_run(engine, self, s, e)
 
 
 def feed_other(engine: Engine, row: Row) -> None:
@@ -142,11 +156,13 @@ def host_access_in_block(engine: Engine, gpa: int, size: int) -> bool:
     return True
 
 
-def short_npf_run(engine: Engine, ts: list[int], gfn: list[int], private: list[bool]) -> None:
-    """A few npf rows, one by one as Engine.feed would, without building their row tuples."""
+def short_npf_run(engine: Engine, decoded: Decoded, s: int, e: int) -> None:
+    """The few npf rows [s, e) of a decoded batch, swept in their pieces, or one by one as
+    Engine.feed would, without building their row tuples."""
     engine.flush()
     engine.ledger.switch("npf")
-    if short_sweep(engine, ts, gfn, private):
+    ts, gfn, private = decoded.short[s]
+    if short_sweep(engine, ts, decoded, s, e):
         return
     count, m = engine.count, engine.m
     count["npf.recorded"] += len(gfn)
@@ -175,22 +191,13 @@ def short_npf_run(engine: Engine, ts: list[int], gfn: list[int], private: list[b
     count["npf.avoided"] += avoided
 
 
-def short_sweep(engine: Engine, ts: list[int], gfn: list[int], private: list[bool]) -> bool:
-    """A few npf rows as contiguous pieces (sweep_pieces), when no timeline sample falls
+def short_sweep(engine: Engine, ts: list[int], decoded: Decoded, s: int, e: int) -> bool:
+    """A few npf rows as their contiguous pieces (sweep_pieces), when no timeline sample falls
     inside them; False, with nothing done, otherwise."""
-    n = len(gfn)
+    n = e - s
     if n < 2 or ts[-1] > engine.due or engine.platform is Platform.SW:
         return False
-    pieces = []
-    g0 = prev = gfn[0]
-    p0 = private[0]
-    for g, p in zip(gfn[1:], private[1:], strict=True):
-        if g != prev + 1 or p != p0:
-            pieces.append((g0, prev + 1, p0))
-            g0, p0 = g, p
-        prev = g
-    pieces.append((g0, prev + 1, p0))
-    if not sweep_pieces(engine, pieces):
+    if not sweep_pieces(engine, decoded.pieces(s, e)):
         return False
     engine.count["npf.recorded"] += n
     engine.ts = ts[-1]
@@ -199,17 +206,19 @@ def short_sweep(engine: Engine, ts: list[int], gfn: list[int], private: list[boo
     return True
 
 
-def npf_run(engine: Engine, ts: np.ndarray, gfn: np.ndarray, private: np.ndarray) -> None:
+def npf_run(engine: Engine, decoded: Decoded, s: int, e: int) -> None:
+    """The npf rows [s, e) of a decoded batch, in chunks of at most CHUNK rows."""
     engine.flush()  # an npf row ends the PSC request being gathered
     engine.ledger.switch("npf")
-    i, n = 0, len(gfn)
+    ts, gfn, private = decoded.ts[s:e], decoded.gfn[s:e], decoded.private[s:e]
+    i, n = 0, e - s
     while i < n:
         if ts[i] > engine.due:
             engine.sample()  # at most one sample before a row, as Engine.feed does
         j = min(n, i + CHUNK)
         if engine.timeline is not None:
             j = max(i + 1, min(j, int(np.searchsorted(ts, engine.due, side="right"))))
-        Chunk(engine, gfn[i:j], private[i:j]).run()
+        Chunk(engine, gfn[i:j], private[i:j]).run(decoded.pieces(s + i, s + j))
         engine.ts = int(ts[j - 1])
         engine.events += j - i
         engine.event_done()
@@ -223,10 +232,11 @@ class Chunk:
         self.engine, self.m, self.count = engine, engine.m, engine.count
         self.gfn, self.private = gfn, private
 
-    def run(self) -> None:
+    def run(self, pieces: Pieces | None) -> None:
+        """`pieces`: the chunk's pieces_of, found once for every engine fed the batch."""
         m, count, gfn = self.m, self.count, self.gfn
         count["npf.recorded"] += len(gfn)
-        if self.engine.platform is not Platform.SW and self.sweep(gfn, self.private):
+        if self.engine.platform is not Platform.SW and self.sweep(pieces):
             return  # every fault usable and matching its attribute: no per-row lookups
         private = m.attrs.lookup(gfn) if self.engine.platform is Platform.SW else self.private
         slots, index = m.slots.lookup(gfn)
@@ -266,7 +276,7 @@ class Chunk:
         """Faults whose privacy matches the attribute, in usable slots: grouped per block."""
         if not len(g):
             return
-        if self.sweep(g, p):
+        if self.sweep(pieces_of(g, p)):
             return
         key = (g >> 9 << 1) | p
         order = np.argsort(key, kind="stable")
@@ -294,18 +304,36 @@ class Chunk:
             for r in np.sort(np.concatenate(slow)).tolist():
                 self.engine.fault(int(g[r]), bool(p[r]))
 
-    def sweep(self, g: np.ndarray, p: np.ndarray) -> bool:
+    def sweep(self, pieces: Pieces | None) -> bool:
         """The common shape, guests touching page after page: contiguous pieces of one
         privacy, mapped a block at a time."""
-        if len(g) < 2:
-            return False
-        breaks = (np.flatnonzero((np.diff(g) != 1) | (p[1:] != p[:-1])) + 1).tolist()
-        if len(breaks) > MAX_PIECES:
-            return False
-        first, last = [0, *breaks], [b - 1 for b in breaks] + [len(g) - 1]
-        g_first, g_last, p_first = g[first].tolist(), g[last].tolist(), p[first].tolist()
-        return sweep_pieces(self.engine, list(zip(g_first, [x + 1 for x in g_last], p_first,
-                                                  strict=True)))
+        return pieces is not None and sweep_pieces(self.engine, pieces)
+
+
+def short_pieces(gfn: list[int], private: list[bool]) -> Pieces:
+    """pieces_of a few npf rows (at least one) given as lists, without numpy."""
+    pieces = []
+    g0 = prev = gfn[0]
+    p0 = private[0]
+    for g, p in zip(gfn[1:], private[1:], strict=True):
+        if g != prev + 1 or p != p0:
+            pieces.append((g0, prev + 1, p0))
+            g0, p0 = g, p
+        prev = g
+    pieces.append((g0, prev + 1, p0))
+    return pieces
+
+
+def pieces_of(g: np.ndarray, p: np.ndarray) -> Pieces | None:
+    """npf rows as contiguous pieces of one privacy, in order; None for fewer than two rows or
+    more than MAX_PIECES pieces (not worth sweeping)."""
+    if len(g) < 2:
+        return None
+    breaks = (np.flatnonzero((np.diff(g) != 1) | (p[1:] != p[:-1])) + 1).tolist()
+    if len(breaks) > MAX_PIECES:
+        return None
+    first, last = [0, *breaks], [b - 1 for b in breaks] + [len(g) - 1]
+    return list(zip(g[first].tolist(), (g[last] + 1).tolist(), p[first].tolist(), strict=True))
 
 
 def sweep_pieces(engine: Engine, pieces: list[tuple[int, int, bool]]) -> bool:
