@@ -162,7 +162,7 @@ def short_npf_run(engine: Engine, decoded: Decoded, s: int, e: int) -> None:
     engine.flush()
     engine.ledger.switch("npf")
     ts, gfn, private = decoded.short[s]
-    if short_sweep(engine, ts, decoded, s, e):
+    if short_sweep(engine, decoded, s, e):
         return
     count, m = engine.count, engine.m
     count["npf.recorded"] += len(gfn)
@@ -191,10 +191,10 @@ def short_npf_run(engine: Engine, decoded: Decoded, s: int, e: int) -> None:
     count["npf.avoided"] += avoided
 
 
-def short_sweep(engine: Engine, ts: list[int], decoded: Decoded, s: int, e: int) -> bool:
-    """A few npf rows as their contiguous pieces (sweep_pieces), when no timeline sample falls
-    inside them; False, with nothing done, otherwise."""
-    n = e - s
+def short_sweep(engine: Engine, decoded: Decoded, s: int, e: int) -> bool:
+    """The few npf rows [s, e) as their contiguous pieces (sweep_pieces), when no timeline
+    sample falls inside them; False, with nothing done, otherwise."""
+    n, ts = e - s, decoded.short[s][0]
     if n < 2 or ts[-1] > engine.due or engine.platform is Platform.SW:
         return False
     if not sweep_pieces(engine, decoded.pieces(s, e)):
