@@ -336,7 +336,7 @@ def pieces_of(g: np.ndarray, p: np.ndarray) -> Pieces | None:
     return list(zip(g[first].tolist(), (g[last] + 1).tolist(), p[first].tolist(), strict=True))
 
 
-def sweep_pieces(engine: Engine, pieces: list[tuple[int, int, bool]]) -> bool:
+def sweep_pieces(engine: Engine, pieces: Pieces) -> bool:
     """Faults on the gfn ranges [g0, g1) of `pieces`, page after page, each range of one
     privacy: True once they are mapped as the row-by-row path would, a block at a time. False,
     with nothing done, unless every range lies in one usable memslot, carries its privacy as
